@@ -1,0 +1,226 @@
+"""Connector base: how strategies reach one model family's visual tokens.
+
+A connector finds the visual spans in `input_ids` (from the config's image token id, never hard-coded offsets),
+encodes images into per-image token features plus a `VisionProbe` for cheap access to encoder internals, projects
+reduced features into the LLM space, and splices them back: placeholders, attention mask and mm_token_type_ids
+shrink with the features, and position ids are rebuilt ("reindex" or "preserve"). The reduced inputs are handed to
+the stock model as `mm_encoder_outputs`, which transformers' `forward` and `generate` accept, so no model code is
+patched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from vlmeff.kernels import compact, gather_tokens
+from vlmeff.strategy import ImageTokens, NotApplicableError, SelectionRecord
+
+
+@dataclass(frozen=True)
+class ImageSlot:
+    """The placeholder span of one image in the LLM sequence."""
+
+    sample: int  # batch row
+    start: int  # position of the first placeholder in the (unreduced) row
+    length: int  # number of placeholders = visual tokens V of this image
+    grid: tuple[int, int, int]  # (t, h, w) token grid, raster order
+
+
+class VisionProbe:
+    """Lazy, cheap access to vision-encoder internals for the images of one batch.
+
+    Methods return per-image tensors over the image's ORIGINAL tokens (before any reduction), in float32.
+    Connectors subclass it; a method a tower cannot provide raises `NotApplicableError` naming alternatives.
+    """
+
+    def cls_attention(self, image: int) -> torch.Tensor:
+        """[heads, V]: softmax attention of the [CLS] query over all keys of the feature layer, patch columns."""
+        raise NotApplicableError(
+            "this vision tower has no [CLS] token, so [CLS]-attention scores are not defined; use a substitute "
+            "score (fastervlm:scorer=global_query, FlowCut's mean-query global token)"
+        )
+
+    def global_query_attention(self, image: int) -> torch.Tensor:
+        """[V]: attention of the mean query of the image's patches over its tokens at the feature layer."""
+        raise NotApplicableError("this connector does not provide a global-query attention score")
+
+
+def find_runs(is_token: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Maximal runs of True per row. is_token: [B, S] bool -> [(row, start, length)] in row-major order."""
+    padded = torch.nn.functional.pad(is_token.int(), (1, 1))
+    edges = padded[:, 1:] - padded[:, :-1]  # +1 at a run start, -1 one past its end
+    starts = (edges == 1).nonzero().tolist()
+    ends = (edges == -1).nonzero().tolist()
+    return [(b, s, e - s) for (b, s), (_, e) in zip(starts, ends)]
+
+
+def assign_slots(runs: list[tuple[int, int, int]], grids: list[tuple[int, int, int]]) -> list[ImageSlot]:
+    """Split placeholder runs into per-image slots, images in row-major order of appearance (as HF scatters them)."""
+    slots, image = [], 0
+    for row, start, length in runs:
+        offset = 0
+        while offset < length:
+            if image >= len(grids):
+                raise ValueError(f"input_ids hold more image placeholders than the {len(grids)} image(s) given")
+            t, h, w = grids[image]
+            count = t * h * w
+            if offset + count > length:
+                raise ValueError(
+                    f"image {image}: expects {count} placeholder tokens but its span in row {row} has "
+                    f"{length - offset}; was the prompt built by the model's processor?"
+                )
+            slots.append(ImageSlot(row, start + offset, count, grids[image]))
+            offset += count
+            image += 1
+    if image != len(grids):
+        raise ValueError(f"{len(grids)} image(s) given but input_ids hold placeholders for {image}")
+    return slots
+
+
+class Connector:
+    """Base class; one subclass per model family, registered by name."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    model_classes: ClassVar[tuple[type, ...]] = ()
+    # position ids used when a strategy says positions="auto"
+    default_positions: ClassVar[str] = "reindex"
+    supported_positions: ClassVar[tuple[str, ...]] = ("reindex", "preserve")
+
+    def __init__(self, model, processor=None):
+        self.model = model
+        self.processor = processor
+        self.config = model.config
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return isinstance(model, cls.model_classes)
+
+    # --- what strategies may ask -------------------------------------------------------------------------------
+    @property
+    def has_cls(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.config.text_config.pad_token_id
+        return 0 if pad is None else pad
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.config.text_config._attn_implementation
+
+    # --- family specific ---------------------------------------------------------------------------------------
+    def image_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int, int]]:
+        """(t, h, w) token grid of each image, in order."""
+        raise NotImplementedError
+
+    def encoder_tokens(self, slot: ImageSlot) -> int | tuple[int, int, int]:
+        """Sequence length inside the vision encoder for this image, or its patch grid (for vlmeff.flops)."""
+        raise NotImplementedError
+
+    def encode(self, inputs: dict[str, Any]) -> tuple[list[torch.Tensor], VisionProbe]:
+        """Run the vision encoder: per-image token features [V_i, D] in the reduction space, and a probe."""
+        raise NotImplementedError
+
+    def project(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Map per-image reduced features into the LLM embedding space."""
+        raise NotImplementedError
+
+    def original_positions(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Position ids of the unreduced sequence: [B, S] (1-D RoPE) or [3, B, S] (M-RoPE)."""
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(inputs["input_ids"])
+        return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+    def finish_positions(self, positions: torch.Tensor, text_positions: torch.Tensor) -> dict[str, Any]:
+        """Model kwargs carrying the gathered positions of the reduced sequence."""
+        return {"position_ids": positions}
+
+    def passthrough_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Model kwargs to keep when nothing was reduced (beyond input_ids / attention_mask)."""
+        return {}
+
+    # --- shared mechanics --------------------------------------------------------------------------------------
+    def slots(self, inputs: dict[str, Any]) -> list[ImageSlot]:
+        runs = find_runs(inputs["input_ids"] == self.image_token_id)
+        return assign_slots(runs, self.image_grids(inputs))
+
+    def prepare_tokens(self, inputs: dict[str, Any]) -> tuple[list[ImageSlot], list[ImageTokens]]:
+        slots = self.slots(inputs)
+        features, probe = self.encode(inputs)
+        images = []
+        for i, (slot, feats) in enumerate(zip(slots, features)):
+            if feats.shape[0] != slot.length:
+                raise ValueError(f"image {i}: encoder gave {feats.shape[0]} tokens, prompt has {slot.length}")
+            index = torch.arange(slot.length, device=feats.device)
+            record = SelectionRecord(sample=slot.sample, image=i, grid=slot.grid, num_tokens=slot.length,
+                                     kept_indices=index)
+            images.append(ImageTokens(features=feats, index=index, probe=probe, image=i, record=record))
+        return slots, images
+
+    def assemble(self, inputs: dict[str, Any], slots: list[ImageSlot], images: list[ImageTokens],
+                 positions: str) -> dict[str, Any]:
+        """Model kwargs for the reduced batch: shrunk input_ids / attention_mask / mm_token_type_ids, position ids
+        and the reduced image features as `mm_encoder_outputs`.
+
+        Within each image span the first n_kept placeholders are kept (features are scattered in sequence order);
+        their position ids come from the ORIGINAL ids of the kept grid indices ("preserve") or are contiguous
+        ("reindex"). The batch is re-padded on the left, as decoder-only generation needs.
+        """
+        if positions not in self.supported_positions:
+            raise NotApplicableError(
+                f"positions={positions!r} is not supported by the {self.name} connector; "
+                f"supported: {', '.join(self.supported_positions)}"
+            )
+        input_ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        embeds = self.project([img.features for img in images])
+        mm = {"image": BaseModelOutputWithPooling(pooler_output=tuple(embeds))}
+        reduced = any(img.features.shape[0] != slot.length for img, slot in zip(images, slots))
+        if not reduced:  # nothing removed: hand the model its own inputs (exactly the unwrapped computation)
+            return {"input_ids": input_ids, "attention_mask": mask, "mm_encoder_outputs": mm,
+                    **self.passthrough_kwargs(inputs)}
+
+        keep = mask.bool().clone()  # [B, S]
+        src_positions = self.original_positions(inputs).clone()  # [B, S] or [3, B, S]
+        orig_positions = src_positions.clone()
+        for slot, img in zip(slots, images):
+            n_kept = img.features.shape[0]
+            real = img.index[img.index >= 0]
+            n_extra = n_kept - real.numel()
+            span = slice(slot.start, slot.start + n_kept)
+            keep[slot.sample, slot.start + n_kept: slot.start + slot.length] = False
+            first = orig_positions[..., slot.sample, slot.start]
+            if n_extra and src_positions.dim() == 3:
+                raise NotApplicableError("merged (synthetic) tokens have no M-RoPE position on this connector")
+            # real tokens: original ids of their grid cells; extra (merged) tokens continue after the last kept one
+            offsets = torch.cat([real, real.max(0, keepdim=True).values + 1 + torch.arange(n_extra, device=real.device)]
+                                if n_extra else [real])
+            src_positions[..., slot.sample, span] = orig_positions[..., slot.sample, slot.start + offsets] \
+                if src_positions.dim() == 3 else first + offsets
+        idx = compact(keep, pad_side="left")  # index [B, S'] of kept positions, -1 for pads
+        out = {
+            "input_ids": gather_tokens(input_ids, idx.index, fill_value=self.pad_token_id),
+            "attention_mask": idx.attention_mask.to(mask.dtype),
+            "mm_encoder_outputs": mm,
+        }
+        if "mm_token_type_ids" in inputs:
+            out["mm_token_type_ids"] = gather_tokens(inputs["mm_token_type_ids"], idx.index, fill_value=0)
+        if positions == "preserve":
+            if src_positions.dim() == 3:
+                gathered = torch.stack([gather_tokens(p, idx.index, fill_value=0) for p in src_positions])
+            else:
+                gathered = gather_tokens(src_positions, idx.index, fill_value=0)
+            out.update(self.finish_positions(gathered, idx.position_ids))
+        return out

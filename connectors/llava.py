@@ -1,0 +1,92 @@
+"""LLaVA-1.5 connector (transformers' LlavaForConditionalGeneration: CLIP / DINOv2 / SigLIP tower + MLP projector).
+
+Reduction space: vision features at `vision_feature_layer` (after dropping [CLS] for the "default" select strategy),
+before the projector, so pruned tokens cost no projector FLOPs. Encoding reproduces `get_image_features` exactly:
+same tower call, same hidden state, same projector.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from vlmeff.connectors.base import Connector, VisionProbe
+from vlmeff.connectors.vision_towers import cls_attention_row, vit_spec
+from vlmeff.registry import register_connector
+
+
+class LlavaProbe(VisionProbe):
+    """Keeps the tower's hidden states of one batch; the [CLS] row is recomputed for all images at once, lazily."""
+
+    def __init__(self, connector: LlavaConnector, hidden_states: tuple[torch.Tensor, ...]):
+        self.connector = connector
+        self.hidden_states = hidden_states
+        self._cls = None
+
+    def cls_attention(self, image: int) -> torch.Tensor:
+        if not self.connector.has_cls:
+            return super().cls_attention(image)
+        if self._cls is None:
+            spec = self.connector.vit
+            layer_index = self.connector.feature_layer_index - 1  # the block whose OUTPUT is the feature layer
+            layer = spec.layers(self.connector.model.model.vision_tower)[layer_index]
+            with torch.no_grad():
+                q, k, heads, scale = spec.cls_query_keys(layer, self.hidden_states[layer_index])
+                self._cls = cls_attention_row(q, k, heads, scale)[:, :, 1:]  # [I, H, V] patch columns
+        return self._cls[image]
+
+
+@register_connector
+class LlavaConnector(Connector):
+    name = "llava"
+    summary = "LLaVA-1.5 (LlavaForConditionalGeneration): CLIP/DINOv2/SigLIP tower, single image grid"
+    model_classes = (LlavaForConditionalGeneration,)
+
+    def __init__(self, model, processor=None):
+        super().__init__(model, processor)
+        self.vit = vit_spec(self.config.vision_config)
+        layer = self.config.vision_feature_layer
+        if not isinstance(layer, int):
+            layer = max(layer, key=lambda i: i % (self.config.vision_config.num_hidden_layers + 1))
+        # index into hidden_states (0 = embeddings, i = output of block i-1)
+        self.feature_layer_index = layer % (self.config.vision_config.num_hidden_layers + 1)
+
+    @property
+    def has_cls(self) -> bool:
+        return self.vit.has_cls
+
+    @property
+    def feature_layer(self) -> int:
+        """0-based index of the vision block whose output LLaVA reads (22 for CLIP-L with -2)."""
+        return self.feature_layer_index - 1
+
+    def image_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int, int]]:
+        pixel_values = inputs["pixel_values"]
+        patch = self.config.vision_config.patch_size
+        h, w = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+        return [(1, h, w)] * pixel_values.shape[0]
+
+    def encoder_tokens(self, slot) -> int:
+        t, h, w = slot.grid
+        return t * h * w + int(self.has_cls)
+
+    def encode(self, inputs: dict[str, Any]) -> tuple[list[torch.Tensor], VisionProbe]:
+        tower = self.model.model.vision_tower
+        pixel_values = inputs["pixel_values"].to(tower.dtype)
+        out = tower(pixel_values, output_hidden_states=True, return_dict=True)
+        layers = self.config.vision_feature_layer
+        strategy = self.config.vision_feature_select_strategy
+        pick = [layers] if isinstance(layers, int) else list(layers)
+        selected = [out.hidden_states[i] for i in pick]
+        if strategy == "default":
+            selected = [hs[:, 1:] for hs in selected]
+        features = torch.cat(selected, dim=-1)  # [I, V, D_vis]
+        return list(features), LlavaProbe(self, out.hidden_states)
+
+    def project(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        projector = self.model.model.multi_modal_projector
+        if len({f.shape[0] for f in features}) == 1:  # one batched call when counts agree
+            return list(projector(torch.stack(features)))
+        return [projector(f[None])[0] for f in features]

@@ -1,0 +1,63 @@
+"""ViT towers used by LLaVA-style models: where their layers are and how to recompute one attention row.
+
+A registry keyed by the vision config's `model_type` (no class-name checks). Each entry knows the tower's encoder
+layers, whether it has a [CLS] token, and how to get the [CLS] query and all keys of one layer from that layer's
+input, so that a strategy needing the [CLS] attention row recomputes exactly that row (METHODS.md, "Shared rules":
+q = q_proj(ln1(h))[:, 0] * head_dim^-0.5, k = k_proj(ln1(h)), softmax per head) instead of running the tower eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    has_cls: bool
+    layers: Callable[[nn.Module], nn.ModuleList]
+    # (layer, layer_input [I, T, D]) -> (q_cls [I, 1, H*hd], k [I, T, H*hd], num_heads, scale)
+    cls_query_keys: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor, int, float]] | None
+
+
+def _clip_cls_query_keys(layer, hidden):
+    normed = layer.layer_norm1(hidden)
+    attn = layer.self_attn
+    return attn.q_proj(normed[:, :1]), attn.k_proj(normed), attn.num_heads, attn.scale
+
+
+def _dinov2_cls_query_keys(layer, hidden):
+    normed = layer.norm1(hidden)
+    attn = layer.attention
+    return attn.q_proj(normed[:, :1]), attn.k_proj(normed), attn.num_attention_heads, attn.scaling
+
+
+VIT_TOWERS: dict[str, ViTSpec] = {
+    "clip_vision_model": ViTSpec(True, lambda tower: tower.encoder.layers, _clip_cls_query_keys),
+    "dinov2": ViTSpec(True, lambda tower: tower.encoder.layer, _dinov2_cls_query_keys),
+    "siglip_vision_model": ViTSpec(False, lambda tower: tower.encoder.layers, None),
+}
+
+
+def vit_spec(vision_config) -> ViTSpec:
+    spec = VIT_TOWERS.get(vision_config.model_type)
+    if spec is None:
+        raise NotImplementedError(
+            f"vision tower {vision_config.model_type!r} is not known to vlmeff; known: {', '.join(sorted(VIT_TOWERS))}"
+        )
+    return spec
+
+
+def cls_attention_row(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """Softmax attention of the [CLS] query over all keys, per head, in float32.
+
+    q_cls: [I, 1, H*hd], keys: [I, T, H*hd] -> [I, H, T] (column 0 is the [CLS] key itself).
+    """
+    num_images, num_keys, width = keys.shape
+    head_dim = width // num_heads
+    q = q_cls.float().view(num_images, 1, num_heads, head_dim).transpose(1, 2)  # [I, H, 1, hd]
+    k = keys.float().view(num_images, num_keys, num_heads, head_dim).transpose(1, 2)  # [I, H, T, hd]
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)[:, :, 0]  # [I, H, T]

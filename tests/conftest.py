@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny LLaVA (CLIP, DINOv2) and Qwen2-VL models saved to disk and loaded with from_pretrained."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vlmeff
+from vlmeff.testing import save_tiny_model
+
+warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+
+KINDS = ("llava-clip", "llava-dinov2", "qwen2-vl")
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {kind: str(save_tiny_model(kind, root / kind)) for kind in KINDS}
+
+
+@pytest.fixture(scope="session")
+def loaded(saved_models):
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = vlmeff.load(saved_models[kind], dtype="float32")
+        return cache[kind]
+
+    return get
+
+
+def make_image(seed: int, size=(60, 50)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def make_inputs(processor, prompts: list[str], images: list[list[Image.Image]]):
+    """Batch of chat prompts; images[i] are the images of prompt i (in order)."""
+    texts = []
+    for prompt, imgs in zip(prompts, images):
+        content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": prompt}]
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+    flat = [im for imgs in images for im in imgs]
+    return processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,58 @@
+"""Load a model and its processor from a local folder or a hub id (real checkpoints use the same code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def load(name_or_path: str, *, dtype: str = "auto", device: str | None = None, attn_implementation: str = "sdpa"):
+    """Return (model, processor) for a LLaVA or Qwen2-VL checkpoint (folder or hub id).
+
+    The processor falls back to vlmeff's image-only Qwen2-VL processor when AutoProcessor cannot build the full one
+    (its video processor needs torchvision, which is CUDA-only on PyPI).
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load a model config from {name_or_path!r}: {e}") from None
+    model = AutoModelForImageTextToText.from_pretrained(
+        name_or_path, config=config, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+    ).eval()
+    if device is not None:
+        model = model.to(device)
+    return model, load_processor(name_or_path, config)
+
+
+def load_processor(name_or_path: str, config=None):
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.processing_utils import ProcessorMixin
+
+    error = None
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        if isinstance(processor, ProcessorMixin):
+            return processor
+    except (ImportError, OSError, ValueError, TypeError) as e:  # e.g. video processor needs torchvision
+        error = e
+    if config is not None and config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        from vlmeff.connectors.qwen2_vl import Qwen2VLImageOnlyProcessor
+
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        template = getattr(tokenizer, "chat_template", None)
+        jinja = Path(name_or_path) / "chat_template.jinja"
+        if jinja.is_file():
+            template = jinja.read_text()
+        return Qwen2VLImageOnlyProcessor(
+            image_processor=AutoImageProcessor.from_pretrained(name_or_path), tokenizer=tokenizer,
+            chat_template=template,
+        )
+    raise ValueError(f"could not build a multimodal processor for {name_or_path!r}" + (f": {error}" if error else ""))

@@ -1,0 +1,124 @@
+"""Strategy specs: strings ("fastervlm:keep=64+other:x=1"), YAML files, and bundled presets (configs/*.yaml).
+
+Grammar: ``spec := item ("+" item)*``, ``item := name [":" key=value ("," key=value)*]``. The empty spec, "none"
+and "vanilla" mean no strategy. A spec that names an existing .yaml/.yml file, or a preset shipped in configs/
+(`vlmeff list` shows them), is read as YAML with either a ``spec:`` string or a ``strategies:`` list of mappings
+(``- {name: fastervlm, keep: 64}``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlmeff.registry import STRATEGIES
+from vlmeff.strategy import IMPLEMENTED_STAGES, Stage, Strategy, StrategyError, TokenReducer
+
+NO_STRATEGY = ("", "none", "vanilla")
+STAGE_ORDER = list(Stage)
+
+
+def preset_names() -> list[str]:
+    root = resources.files("vlmeff.configs")
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _preset_path(name: str):
+    candidate = resources.files("vlmeff.configs") / f"{name}.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def _parse_item(text: str) -> Strategy:
+    name, _, args = text.strip().partition(":")
+    name = name.strip()
+    if not name:
+        raise StrategyError(f"empty strategy name in spec item {text!r}")
+    params: dict[str, str] = {}
+    for pair in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise StrategyError(f"{name}: parameter {pair!r} is not of the form key=value")
+        if key.strip() in params:
+            raise StrategyError(f"{name}: parameter {key.strip()!r} given twice")
+        params[key.strip()] = value.strip()
+    return STRATEGIES.get(name).from_params(params)
+
+
+def _from_yaml(text: str, source: str) -> list[Strategy]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise StrategyError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(data, dict) or ("spec" in data) == ("strategies" in data):
+        raise StrategyError(f"{source}: expected a mapping with exactly one of 'spec' (a string) or 'strategies' (a list)")
+    if "spec" in data:
+        return parse_spec(str(data["spec"]))
+    items = data["strategies"] or []
+    if not isinstance(items, list):
+        raise StrategyError(f"{source}: 'strategies' must be a list of mappings with a 'name'")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "name" not in item:
+            raise StrategyError(f"{source}: strategies[{i}] must be a mapping with a 'name'")
+        params = {k: v for k, v in item.items() if k != "name"}
+        out.append(STRATEGIES.get(str(item["name"])).from_params(params))
+    return out
+
+
+def parse_spec(spec: str | Strategy | Sequence[Strategy | str] | None) -> list[Strategy]:
+    """Turn a spec (string, YAML path, preset name, Strategy or list of them) into validated Strategy objects."""
+    if spec is None:
+        return []
+    if isinstance(spec, Strategy):
+        return [spec]
+    if not isinstance(spec, str):
+        return [s for item in spec for s in parse_spec(item)]
+    text = spec.strip()
+    if text.lower() in NO_STRATEGY:
+        return []
+    if text.endswith((".yaml", ".yml")):
+        path = Path(text)
+        if not path.is_file():
+            raise StrategyError(f"strategy file {text!r} does not exist")
+        return _from_yaml(path.read_text(), text)
+    if (preset := _preset_path(text)) is not None:
+        return _from_yaml(preset.read_text(), f"preset {text!r}")
+    return [_parse_item(item) for item in text.split("+")]
+
+
+def build_pipeline(strategies: list[Strategy]) -> list[Strategy]:
+    """Order strategies by stage (stable) and check the composition rules; raise StrategyError saying why."""
+    seen: set[str] = set()
+    for s in strategies:
+        if s.name in seen:
+            raise StrategyError(f"strategy {s.name!r} appears twice; give it once with the parameters you want")
+        seen.add(s.name)
+        if s.stage not in IMPLEMENTED_STAGES:
+            raise StrategyError(
+                f"{s.name}: stage {s.stage.value!r} is not executed by this vlmeff release "
+                f"(executed: {', '.join(st.value for st in IMPLEMENTED_STAGES)})"
+            )
+    ordered = sorted(strategies, key=lambda s: STAGE_ORDER.index(s.stage))
+    for i, s in enumerate(ordered):
+        s.check_after(ordered[:i])
+    positions = {s.positions for s in ordered if isinstance(s, TokenReducer) and s.positions != "auto"}
+    if len(positions) > 1:
+        raise StrategyError(f"strategies ask for different position modes {sorted(positions)}; set one positions=")
+    return ordered
+
+
+def describe(strategies: list[Strategy]) -> str:
+    return "+".join(s.spec() for s in strategies) or "vanilla"
+
+
+def strategy_table() -> list[dict[str, Any]]:
+    """One row per registered strategy (for `vlmeff list` and the README)."""
+    rows = []
+    for name, cls in STRATEGIES.items().items():
+        rows.append({"name": name, "stage": cls.stage.value, "summary": cls.summary, "paper": cls.paper,
+                     "training_free": cls.training_free, "experimental": cls.experimental})
+    return rows

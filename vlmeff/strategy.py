@@ -1,0 +1,280 @@
+"""Strategy base classes: stages, validated parameters, budgets and the score-based pruner mechanics.
+
+A strategy is a small dataclass whose fields are its hyper-parameters (validated in ``__post_init__``). It acts at
+one stage of the pipeline:
+
+1. ``vision``    - inside the vision encoder (FlowCut, ToMe);
+2. ``pre_llm``   - on encoder / projector output, before the LLM (FasterVLM, VisionZip, AIM merge, random, pool);
+3. ``in_llm``    - removes visual tokens after a decoder layer (FastV, ATP, AIM prune);
+4. ``attention`` - changes prefill masks, positions or scores (NAAViT, MMA, CCA, PAI);
+5. ``decoding``  - changes logits with a second branch (VCD, DAMRO).
+
+Score-based pruners subclass `ScorePruner` and implement only `score`; the base class turns the budget into a
+count, ranks deterministically (ties broken by lower index), restores raster order, gathers the kept tokens and
+updates the selection record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from vlmeff.kernels import gather_tokens
+
+if TYPE_CHECKING:
+    from vlmeff.connectors.base import Connector, VisionProbe
+
+
+class Stage(str, enum.Enum):
+    VISION = "vision"
+    PRE_LLM = "pre_llm"
+    IN_LLM = "in_llm"
+    ATTENTION = "attention"
+    DECODING = "decoding"
+
+
+# Stages the wrapper executes in this release; a strategy of another stage is refused with a clear error.
+IMPLEMENTED_STAGES = (Stage.PRE_LLM,)
+POSITION_MODES = ("auto", "reindex", "preserve")
+
+
+class StrategyError(ValueError):
+    """Invalid parameters, an invalid composition, or a strategy that cannot apply to a model."""
+
+
+class NotApplicableError(StrategyError):
+    """The strategy cannot run on this model (e.g. it needs a [CLS] token the vision tower does not have)."""
+
+
+@dataclass
+class SelectionRecord:
+    """What happened to the visual tokens of one image (one view / frame).
+
+    kept_indices: indices in the original token grid (raster order over `grid`) of the real tokens that reach the
+    LLM, ascending. `num_extra` tokens (merged / contextual) follow them; `merge_groups[j]` lists the original
+    indices folded into extra token j when a method merges.
+    """
+
+    sample: int
+    image: int
+    grid: tuple[int, int, int]  # (t, h, w) of the token grid the indices refer to
+    num_tokens: int
+    kept_indices: torch.Tensor
+    num_extra: int = 0
+    merge_groups: list[list[int]] | None = None
+    per_layer_kept: dict[int, int] = field(default_factory=dict)
+    strategies: list[str] = field(default_factory=list)
+
+    @property
+    def num_kept(self) -> int:
+        return int(self.kept_indices.numel()) + self.num_extra
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sample": self.sample, "image": self.image, "grid": list(self.grid), "num_tokens": self.num_tokens,
+            "kept_indices": self.kept_indices.tolist(), "num_extra": self.num_extra,
+            "merge_groups": self.merge_groups, "per_layer_kept": self.per_layer_kept,
+            "strategies": self.strategies,
+        }
+
+
+@dataclass
+class ImageTokens:
+    """The visual tokens of one image while strategies act on them (pre-LLM stage).
+
+    features: [V_cur, D] in the connector's reduction space (LLaVA: vision features before the projector;
+              Qwen2-VL: merged features after the PatchMerger).
+    index:    [V_cur] original grid index of each token, -1 for synthetic (merged) tokens.
+    probe:    lazy access to vision-encoder internals (attention rows) for this image, see `VisionProbe`.
+    """
+
+    features: torch.Tensor
+    index: torch.Tensor
+    probe: VisionProbe
+    image: int
+    record: SelectionRecord
+
+    @property
+    def num_original(self) -> int:
+        return self.record.num_tokens
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Coerce a value parsed from a spec string ("64", "0.5", "true") to the field's annotated type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own message
+            return _coerce(value, options[0], name)
+        for arg in options:
+            try:
+                return _coerce(value, arg, name)
+            except (TypeError, ValueError):
+                continue
+        raise StrategyError(f"{name}={value!r}: expected {' or '.join(a.__name__ for a in options)}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise StrategyError(f"{name}={value!r}: expected one of {', '.join(map(repr, args))}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise StrategyError(f"{name}={value!r}: expected a boolean (true/false)")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise StrategyError(f"{name}={value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise StrategyError(f"{name}={value!r}: expected an integer")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise StrategyError(f"{name}={value!r}: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise StrategyError(f"{name}={value!r}: expected a number") from None
+    if annotation is str:
+        return str(value)
+    return value
+
+
+@dataclass
+class Strategy:
+    """Base class of every strategy. Subclasses are dataclasses; class attributes describe them for `vlmeff list`."""
+
+    name: ClassVar[str]
+    stage: ClassVar[Stage]
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    training_free: ClassVar[bool] = True
+    experimental: ClassVar[bool] = False
+    # True when the method needs the complete, unreduced token grid (it cannot follow another reduction).
+    needs_full_grid: ClassVar[bool] = False
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Strategy:
+        """Build from a dict of raw values (strings from a spec, or YAML scalars), coercing to field types."""
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(params) - fields)
+        if unknown:
+            raise StrategyError(
+                f"{cls.name}: unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(fields)) or 'none'}"
+            )
+        kwargs = {k: _coerce(v, hints[k], f"{cls.name}.{k}") for k, v in params.items()}
+        return cls(**kwargs)
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def spec(self) -> str:
+        """Canonical spec string, e.g. ``fastervlm:keep=64,positions=auto`` (parsable by `parse_spec`)."""
+        items = ",".join(f"{k}={v}" for k, v in self.params().items() if v is not None)
+        return f"{self.name}:{items}" if items else self.name
+
+    def check_applicable(self, connector: Connector) -> None:
+        """Raise `NotApplicableError` if this strategy cannot run on the connector's model."""
+
+    def check_after(self, previous: list[Strategy]) -> None:
+        """Raise `StrategyError` if this strategy cannot follow `previous` (same or earlier stages)."""
+        if self.needs_full_grid and any(isinstance(p, TokenReducer) for p in previous):
+            names = ", ".join(p.name for p in previous if isinstance(p, TokenReducer))
+            raise StrategyError(f"{self.name} needs the full token grid and cannot follow the reduction by {names}")
+
+
+@dataclass
+class TokenReducer(Strategy):
+    """A strategy that removes or merges visual tokens. `positions` picks the position ids of what is kept:
+    reindex (contiguous ids), preserve (original ids of kept tokens), auto (the connector's default: reindex on
+    LLaVA, preserve on Qwen2-VL whose M-RoPE ids are always gathered)."""
+
+    positions: str = "auto"
+
+    def __post_init__(self):
+        if self.positions not in POSITION_MODES:
+            raise StrategyError(f"{self.name}.positions={self.positions!r}: expected one of {', '.join(POSITION_MODES)}")
+
+    def reduce(self, images: list[ImageTokens]) -> list[ImageTokens]:
+        """Pre-LLM stage: return the reduced tokens of each image (records updated)."""
+        raise NotImplementedError
+
+
+@dataclass
+class Budget:
+    """Token budget: exactly one of `keep` (tokens per image) or `ratio` (kept fraction in (0, 1])."""
+
+    keep: int | None = None
+    ratio: float | None = None
+
+    def _check_budget(self, name: str) -> None:
+        if (self.keep is None) == (self.ratio is None):
+            raise StrategyError(f"{name}: give exactly one of keep=<tokens per image> or ratio=<fraction in (0, 1]>")
+        if self.keep is not None and self.keep < 1:
+            raise StrategyError(f"{name}.keep={self.keep}: must be >= 1 (keep >= the token count keeps everything)")
+        if self.ratio is not None and not (0.0 < self.ratio <= 1.0):
+            raise StrategyError(f"{name}.ratio={self.ratio}: must be in (0, 1]")
+
+    def kept_count(self, num_tokens: int) -> int:
+        """k for an image of `num_tokens` tokens: min(keep, V), or round(V * ratio) (at least 1)."""
+        if self.keep is not None:
+            return min(self.keep, num_tokens)
+        return max(1, min(num_tokens, round(num_tokens * self.ratio)))
+
+
+def topk_sorted(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, ties broken by lower index, returned in ascending (raster) order.
+
+    score: [..., N] -> [..., k]
+    """
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices  # stable: equal scores keep index order
+    return order[..., :k].sort(dim=-1).values
+
+
+@dataclass
+class ScorePruner(TokenReducer, Budget):
+    """Keep the top-k tokens of each image by `score` (higher = keep); kvpress-style: subclasses define `score`."""
+
+    def __post_init__(self):
+        TokenReducer.__post_init__(self)
+        self._check_budget(self.name)
+
+    def score(self, image: ImageTokens) -> torch.Tensor:
+        """Return the score of each current token of one image: [V_cur] float32, higher = keep."""
+        raise NotImplementedError
+
+    def reduce(self, images: list[ImageTokens]) -> list[ImageTokens]:
+        out = []
+        for img in images:
+            num = img.features.shape[0]
+            k = self.kept_count(img.num_original) if self.ratio is not None else min(self.keep, num)
+            k = min(k, num)
+            if k == num:  # keep everything: identity (exactly the unwrapped model)
+                img.record.strategies.append(self.name)
+                out.append(img)
+                continue
+            kept = topk_sorted(self.score(img), k)  # [k]
+            features = gather_tokens(img.features[None], kept[None])[0]  # [k, D]
+            index = img.index[kept]
+            img.record.kept_indices = index[index >= 0]
+            img.record.strategies.append(self.name)
+            out.append(dataclasses.replace(img, features=features, index=index))
+        return out

@@ -1,0 +1,224 @@
+"""`vlmeff.wrap(model, processor, spec)`: run a stock HF VLM with visual-token strategies.
+
+The wrapper never patches model code. For each call it
+1. finds the image spans and encodes the images through the connector (one tower pass, same as HF's),
+2. runs the pre-LLM strategies on per-image tokens (records kept indices per image),
+3. projects and splices the reduced features back (placeholders, masks, positions shrink with them),
+4. calls the model's own `forward` / `generate` with the reduced inputs and `mm_encoder_outputs`.
+
+`generate` returns what `model.generate` returns for the ORIGINAL prompt: the prompt ids as given, followed by
+the new tokens, so `out[:, inputs["input_ids"].shape[1]:]` are the new tokens as usual.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from vlmeff.connectors.base import Connector
+from vlmeff.flops import FlopsBreakdown, prefill_flops
+from vlmeff.registry import CONNECTORS
+from vlmeff.spec import build_pipeline, describe, parse_spec
+from vlmeff.strategy import SelectionRecord, Stage, TokenReducer
+
+# Keys of processor output that describe the prompt and images (everything else goes to generate as is).
+INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes")
+
+
+@dataclass
+class RunStats:
+    """Numbers of the last call. Times in seconds; FLOPs of the prefill (see vlmeff.flops)."""
+
+    visual_tokens_in: int = 0
+    visual_tokens_kept: int = 0
+    text_tokens: int = 0
+    flops: dict[str, int] = field(default_factory=dict)
+    flops_vanilla: dict[str, int] = field(default_factory=dict)
+    encode_s: float = 0.0  # vision encoder
+    strategy_s: float = 0.0  # the strategies' own work (scores, selection, splice)
+    llm_prefill_s: float = 0.0  # first LLM forward over the prompt
+    prefill_s: float = 0.0  # encode + strategies + LLM prefill (time to first token)
+    total_s: float = 0.0
+    new_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def find_connector(model, processor=None, name: str | None = None) -> Connector:
+    if name is not None:
+        return CONNECTORS.get(name)(model, processor)
+    for cls in CONNECTORS.items().values():
+        if cls.matches(model):
+            return cls(model, processor)
+    names = ", ".join(f"{n} ({', '.join(c.__name__ for c in cls.model_classes)})" for n, cls in CONNECTORS.items().items())
+    raise TypeError(f"no vlmeff connector for {type(model).__name__}; supported: {names}")
+
+
+class VLMWrapper:
+    """A model + processor + strategy pipeline. Also a context manager: leaving it unwraps the model."""
+
+    def __init__(self, model, processor=None, spec=None, connector: str | None = None):
+        self.model = model
+        self.processor = processor
+        self.connector = find_connector(model, processor, connector)
+        self.strategies = build_pipeline(parse_spec(spec))
+        for strategy in self.strategies:
+            strategy.check_applicable(self.connector)
+        modes = {s.positions for s in self.strategies if isinstance(s, TokenReducer)} - {"auto"}
+        self.positions = modes.pop() if modes else self.connector.default_positions
+        if self.positions not in self.connector.supported_positions:
+            raise ValueError(
+                f"positions={self.positions!r} is not supported on {self.connector.name}; "
+                f"supported: {', '.join(self.connector.supported_positions)}"
+            )
+        self.last_record: list[SelectionRecord] = []
+        self.stats = RunStats()
+        self._prefill_start: float | None = None
+        self._hooks = [
+            model.model.language_model.register_forward_pre_hook(self._on_llm_start, with_kwargs=True),
+            model.model.language_model.register_forward_hook(self._on_llm_end),
+        ]
+        self._llm_calls = 0
+
+    # --- context manager / unwrap ------------------------------------------------------------------------------
+    def __enter__(self) -> VLMWrapper:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unwrap()
+
+    def unwrap(self):
+        """Remove everything the wrapper installed; the model is exactly as it was given."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        return self.model
+
+    @property
+    def spec(self) -> str:
+        return describe(self.strategies)
+
+    # --- timing hooks (first LLM forward of a call = prefill) --------------------------------------------------
+    def _sync(self):
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _on_llm_start(self, module, args, kwargs):
+        self._llm_calls += 1
+        if self._llm_calls == 1:
+            self._sync()
+            self._prefill_start = time.perf_counter()
+
+    def _on_llm_end(self, module, args, output):
+        if self._llm_calls == 1 and self._prefill_start is not None:
+            self._sync()
+            self.stats.llm_prefill_s = time.perf_counter() - self._prefill_start
+
+    # --- the pipeline ------------------------------------------------------------------------------------------
+    def prepare(self, **inputs) -> dict[str, Any]:
+        """Model kwargs for the reduced batch (also fills `last_record` and the token/FLOP stats)."""
+        self.stats = RunStats()
+        self.last_record = []
+        if inputs.get("pixel_values") is None:  # text only: nothing to reduce
+            self.stats.text_tokens = int(_mask(inputs).sum())
+            return {k: v for k, v in inputs.items() if v is not None}
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            slots, images = self.connector.prepare_tokens(inputs)
+            self._sync()
+            t1 = time.perf_counter()
+            for strategy in self.strategies:
+                if strategy.stage is Stage.PRE_LLM:
+                    images = strategy.reduce(images)
+            model_kwargs = self.connector.assemble(inputs, slots, images, self.positions)
+            self._sync()
+        t2 = time.perf_counter()
+        self.stats.encode_s, self.stats.strategy_s = t1 - t0, t2 - t1
+        self.last_record = [img.record for img in images]
+        self._count(inputs, slots, images)
+        return model_kwargs
+
+    def _count(self, inputs, slots, images) -> None:
+        stats = self.stats
+        stats.visual_tokens_in = sum(s.length for s in slots)
+        stats.visual_tokens_kept = sum(img.features.shape[0] for img in images)
+        stats.text_tokens = int(_mask(inputs).sum()) - stats.visual_tokens_in
+        vanilla, reduced = FlopsBreakdown(0, 0, 0), FlopsBreakdown(0, 0, 0)
+        mask = _mask(inputs)
+        for row in range(inputs["input_ids"].shape[0]):
+            mine = [(s, img) for s, img in zip(slots, images) if s.sample == row]
+            text = int(mask[row].sum()) - sum(s.length for s, _ in mine)
+            encoder = [self.connector.encoder_tokens(s) for s, _ in mine]
+            full = sum(s.length for s, _ in mine)
+            kept = sum(img.features.shape[0] for _, img in mine)
+            vanilla += prefill_flops(self.config, image_tokens=encoder, projected_tokens=full,
+                                     tokens_per_layer=text + full)
+            reduced += prefill_flops(self.config, image_tokens=encoder, projected_tokens=kept,
+                                     tokens_per_layer=text + kept)
+        stats.flops, stats.flops_vanilla = reduced.to_dict(), vanilla.to_dict()
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def __call__(self, **inputs):
+        """One forward (prefill) of the reduced batch; returns the model's output (logits over the reduced sequence)."""
+        model_kwargs = self.prepare(**{k: v for k, v in inputs.items() if k in INPUT_KEYS})
+        extra = {k: v for k, v in inputs.items() if k not in INPUT_KEYS}
+        self._llm_calls = 0
+        with torch.no_grad():
+            return self.model(**model_kwargs, **extra)
+
+    forward = __call__
+
+    def generate(self, **kwargs):
+        """Like `model.generate(**processor_outputs, **generation_kwargs)`, with the strategies applied."""
+        inputs = {k: kwargs.pop(k) for k in INPUT_KEYS if k in kwargs}
+        t0 = time.perf_counter()
+        model_kwargs = self.prepare(**inputs)
+        self._llm_calls = 0
+        out = self.model.generate(**model_kwargs, **kwargs)
+        self._sync()
+        stats = self.stats
+        stats.total_s = time.perf_counter() - t0
+        stats.prefill_s = stats.encode_s + stats.strategy_s + stats.llm_prefill_s
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        new = sequences[:, model_kwargs["input_ids"].shape[1]:]
+        stats.new_tokens = int(new.shape[1])
+        full = torch.cat([inputs["input_ids"], new], dim=1)
+        if hasattr(out, "sequences"):
+            out.sequences = full
+            return out
+        return full
+
+    def chat(self, image, text: str, max_new_tokens: int = 64, **generate_kwargs) -> str:
+        """Ask one question about one image (path, PIL image or array); returns the decoded answer."""
+        from vlmeff.images import load_image
+
+        if self.processor is None:
+            raise ValueError("chat() needs the processor: vlmeff.wrap(model, processor, spec)")
+        content = [{"type": "text", "text": text}]
+        images = None
+        if image is not None:
+            images = load_image(image)
+            content.insert(0, {"type": "image"})
+        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = self.processor(images=images, text=prompt, return_tensors="pt").to(self.model.device)
+        generate_kwargs.setdefault("do_sample", False)
+        out = self.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        return self.processor.decode(new, skip_special_tokens=True).strip()
+
+
+def _mask(inputs: dict[str, Any]) -> torch.Tensor:
+    mask = inputs.get("attention_mask")
+    return torch.ones_like(inputs["input_ids"]) if mask is None else mask
+
+
+def wrap(model, processor=None, spec=None, *, connector: str | None = None) -> VLMWrapper:
+    """Wrap a transformers VLM with a strategy spec ("fastervlm:keep=64", a YAML path, a preset, or Strategy objects)."""
+    return VLMWrapper(model, processor, spec, connector=connector)
