@@ -14,7 +14,7 @@ from vlmeff.testing import save_tiny_model
 
 warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 
-KINDS = ("llava-clip", "llava-dinov2", "qwen2-vl")
+KINDS = ("llava-clip", "llava-dinov2", "qwen2-vl", "qwen2.5-vl")
 
 
 @pytest.fixture(scope="session")

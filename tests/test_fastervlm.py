@@ -104,3 +104,36 @@ def test_global_query_substitute_formula(loaded):
     expected = att.reshape(-1, 4).mean(1)
     torch.testing.assert_close(ours, expected.detach(), rtol=1e-5, atol=1e-7)
     assert ours.numel() == images[0].record.num_tokens
+
+
+def test_global_query_on_qwen25_maps_window_order_back_to_raster(loaded):
+    """Qwen2.5-VL permutes 2x2 groups into windows inside the encoder. Recover the permutation independently by
+    matching merger outputs (window order) to the final pooled features (raster order), then compare scores."""
+    model, processor = loaded("qwen2.5-vl")
+    inputs = make_inputs(processor, ["What is it?"], [[make_image(8, (168, 168))]])
+    connector = vlmeff.wrap(model, processor).connector
+    _, images = connector.prepare_tokens(inputs)
+    ours = images[0].probe.global_query_attention(0)  # raster order
+    visual = model.model.visual
+    captured = {}
+    h1 = visual.blocks[-1].attn.register_forward_pre_hook(
+        lambda m, a, kw: captured.update(h=a[0] if a else kw["hidden_states"], pe=kw["position_embeddings"]),
+        with_kwargs=True)
+    h2 = visual.merger.register_forward_hook(lambda m, a, out: captured.update(merged=out))
+    with torch.no_grad():
+        pooled = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+    h1.remove()
+    h2.remove()
+    perm = torch.cdist(pooled, captured["merged"]).argmin(1)  # raster group r sits at window slot perm[r]
+    assert sorted(perm.tolist()) == list(range(pooled.shape[0])) and perm.tolist() != sorted(perm.tolist())
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    attn = visual.blocks[-1].attn
+    n = captured["h"].shape[0]
+    with torch.no_grad():
+        q, k, _ = attn.qkv(captured["h"]).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, *captured["pe"])
+    qg = q.mean(0)
+    att = torch.stack([torch.softmax(k[:, h] @ qg[h] * attn.scaling, 0) for h in range(attn.num_heads)]).mean(0)
+    window_order = att.reshape(-1, 4).mean(1)
+    torch.testing.assert_close(ours, window_order[perm], rtol=1e-5, atol=1e-7)

@@ -10,18 +10,18 @@ from conftest import make_image, make_inputs
 
 PROMPTS = ["What is in the image?", "Is there a dog in the image? Answer yes or no.", "Describe the picture."]
 PRUNE = {"llava-clip": "fastervlm:keep=9", "llava-dinov2": "fastervlm:keep=9",
-         "qwen2-vl": "fastervlm:keep=7,scorer=global_query"}
+         "qwen2-vl": "fastervlm:keep=7,scorer=global_query", "qwen2.5-vl": "fastervlm:keep=7,scorer=global_query"}
 
 
 def greedy(fn, inputs, n=5):
     return fn(**inputs, max_new_tokens=n, do_sample=False)
 
 
-@pytest.mark.parametrize("kind", ["llava-clip", "llava-dinov2", "qwen2-vl"])
+@pytest.mark.parametrize("kind", ["llava-clip", "llava-dinov2", "qwen2-vl", "qwen2.5-vl"])
 @pytest.mark.parametrize("spec", ["vanilla", "fastervlm:keep=100000"])
 def test_keep_everything_is_exactly_the_unwrapped_model(loaded, kind, spec):
     model, processor = loaded(kind)
-    if kind == "qwen2-vl" and spec.startswith("fastervlm"):
+    if kind.startswith("qwen") and spec.startswith("fastervlm"):
         spec += ",scorer=global_query"
     inputs = make_inputs(processor, PROMPTS[:2], [[make_image(0)], [make_image(1)]])
     with torch.no_grad():
@@ -40,7 +40,7 @@ def _llm_input_lengths(model):
     return seen, handle
 
 
-@pytest.mark.parametrize("kind", ["llava-clip", "qwen2-vl"])
+@pytest.mark.parametrize("kind", ["llava-clip", "qwen2-vl", "qwen2.5-vl"])
 def test_llm_input_really_shrinks_and_generate_works(loaded, kind):
     model, processor = loaded(kind)
     inputs = make_inputs(processor, PROMPTS[:1], [[make_image(3)]])
@@ -88,7 +88,7 @@ def test_llava_reduced_logits_equal_manual_splice(loaded, positions):
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llava-clip", "qwen2-vl"])
+@pytest.mark.parametrize("kind", ["llava-clip", "qwen2-vl", "qwen2.5-vl"])
 def test_batch_equals_one_by_one(loaded, kind):
     model, processor = loaded(kind)
     images = [[make_image(10)], [make_image(11)], [make_image(12)]]
@@ -105,8 +105,9 @@ def test_batch_equals_one_by_one(loaded, kind):
     vm.unwrap()
 
 
-def test_qwen_mrope_ids_of_kept_tokens_are_gathered_from_unpruned_layout(loaded):
-    model, processor = loaded("qwen2-vl")
+@pytest.mark.parametrize("kind", ["qwen2-vl", "qwen2.5-vl"])
+def test_qwen_mrope_ids_of_kept_tokens_are_gathered_from_unpruned_layout(loaded, kind):
+    model, processor = loaded(kind)
     images = [[make_image(20, (60, 50))], [make_image(21, (90, 40)), make_image(22, (40, 70))]]
     inputs = make_inputs(processor, PROMPTS[:2], images)
     full, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],

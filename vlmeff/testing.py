@@ -101,9 +101,15 @@ def tiny_llava(vision: str = "clip", image_size: int = 56, patch_size: int = 7, 
     return model, processor
 
 
-def tiny_qwen2_vl(seed: int = 0, image_size: int = 168):
-    """A tiny Qwen2VLForConditionalGeneration + image-only Qwen2-VL processor (fixed image_size x image_size)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+def tiny_qwen2_vl(seed: int = 0, image_size: int = 168, version: str = "2"):
+    """A tiny Qwen2-VL (version "2") or Qwen2.5-VL ("2.5") model + image-only processor (image_size^2 pixels)."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
 
     from vlmeff.connectors.qwen2_vl import Qwen2VLImageOnlyProcessor
 
@@ -113,9 +119,18 @@ def tiny_qwen2_vl(seed: int = 0, image_size: int = 168):
     tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"})
     tokenizer.padding_side = "left"
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
-    config = Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, num_heads=4, hidden_size=64, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+    patches = dict(num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if version == "2.5":  # window attention (4x4 merged units) in blocks 0 and 2, full attention in 1 and 3
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision_config = dict(depth=4, hidden_size=32, intermediate_size=48, out_hidden_size=64, window_size=112,
+                             fullatt_block_indexes=[1, 3], **patches)
+    elif version == "2":
+        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision_config = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, **patches)
+    else:
+        raise ValueError(f"version={version!r}: expected '2' or '2.5'")
+    config = config_cls(
+        vision_config=vision_config,
         text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -125,7 +140,7 @@ def tiny_qwen2_vl(seed: int = 0, image_size: int = 168):
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     pixels = image_size * image_size
     image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2,
                                                temporal_patch_size=2)
@@ -135,7 +150,7 @@ def tiny_qwen2_vl(seed: int = 0, image_size: int = 168):
 
 
 TINY_BUILDERS = {"llava-clip": lambda: tiny_llava("clip"), "llava-dinov2": lambda: tiny_llava("dinov2"),
-                 "qwen2-vl": tiny_qwen2_vl}
+                 "qwen2-vl": tiny_qwen2_vl, "qwen2.5-vl": lambda: tiny_qwen2_vl(version="2.5")}
 
 
 def save_tiny_model(kind: str, path: str | Path) -> Path:
