@@ -1,0 +1,246 @@
+"""Train the reference model's projector and LoRA adapters on the synthetic world (`vlmeff reference train`).
+
+Seeded and resumable: a checkpoint (trainable weights + AdamW state, safetensors) and a JSON state are written
+atomically every `checkpoint_every` steps and at the end; a rerun with the same --out resumes from the last one and
+sees exactly the data it would have seen. The vision tower and the language model are frozen; the tower runs under
+no_grad each step (about 5% of a step), so no feature cache is needed. Uses a GPU (bf16 autocast) when there is one, else fp32
+on CPU.
+
+Each training sequence is one scene: a caption turn ("List the objects in the image." -> caption) followed by
+yes/no turns with balanced answers (negatives half random, half co-occurring, so no language prior pays off).
+Evaluation uses single-question prompts only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlmeff.reference.model import ReferenceConfig, save_trained, trained_state
+
+POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
+CAPTION_PROMPT = "List the objects in the image."
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/reference"
+    steps: int = 3000
+    num_scenes: int = 8000  # distinct training scenes (seeds 0..num_scenes-1 of the train range)
+    lr_projector: float = 1e-3
+    lr_lora: float = 2e-4
+    weight_decay: float = 0.0
+    warmup: int = 50
+    checkpoint_every: int = 50
+    seed: int = 0
+    max_hours: float | None = None  # stop (with a checkpoint) after this much wall time in this run
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def chatml_tokens(tokenizer, turns: list[tuple[str, str]], image_token_id: int, num_image_tokens: int):
+    """Token ids and labels for a ChatML conversation whose first user turn starts with the image.
+
+    turns: [(user_text, assistant_text), ...]. Labels are -100 except on assistant answers and their <|im_end|>.
+    Returns (input_ids [S], labels [S]) as LongTensors.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+
+    def add(text: str, supervised: bool):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.extend(piece)
+        labels.extend(piece if supervised else [-100] * len(piece))
+
+    for i, (user, answer) in enumerate(turns):
+        add("<|im_start|>user\n", False)
+        if i == 0:
+            ids.extend([image_token_id] * num_image_tokens)
+            labels.extend([-100] * num_image_tokens)
+            add("\n", False)
+        add(f"{user}<|im_end|>\n<|im_start|>assistant\n", False)
+        add(f"{answer}<|im_end|>", True)
+        add("\n", False)
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+def scene_turns(scene_seed: int, epoch: int) -> tuple[object, list[tuple[str, str]]]:
+    """The scene image and its conversation turns (caption first, then yes/no questions in a seeded order)."""
+    from vlmeff.reference import world
+
+    example = world.training_examples(scene_seed)
+    qa = [(q + POPE_SUFFIX, a) for q, a in example.questions]
+    random.Random(scene_seed * 1009 + epoch).shuffle(qa)
+    return example.image, [(CAPTION_PROMPT, example.caption), *qa]
+
+
+class Trainer:
+    def __init__(self, model, processor, cfg: TrainConfig, device: str | None = None):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.cfg = cfg
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.ref = cfg.reference
+        for p in model.parameters():
+            p.requires_grad_(False)
+        lora = LoraConfig(r=self.ref.lora_rank, lora_alpha=self.ref.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(self.ref.lora_targets), init_lora_weights=True)
+        torch.manual_seed(cfg.seed)
+        inject_adapter_in_model(lora, model.model.language_model)
+        self.lora_layers = {name: m for name, m in model.model.language_model.named_modules()
+                            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+        projector = model.model.multi_modal_projector
+        for p in projector.parameters():
+            p.requires_grad_(True)
+        lora_params = [p for n, p in model.model.language_model.named_parameters() if "lora_" in n]
+        for p in lora_params:
+            p.requires_grad_(True)
+        self.params = {f"projector.{n}": p for n, p in projector.named_parameters()}
+        self.params.update({f"lm.{n}": p for n, p in model.model.language_model.named_parameters() if "lora_" in n})
+        self.optimizer = torch.optim.AdamW([
+            {"params": list(projector.parameters()), "lr": cfg.lr_projector},
+            {"params": lora_params, "lr": cfg.lr_lora},
+        ], weight_decay=cfg.weight_decay)
+        self.base_lrs = [cfg.lr_projector, cfg.lr_lora]
+        self.step = 0
+        self.log_path = Path(cfg.out) / "train_log.jsonl"
+        self.cpu_seconds = 0.0
+
+    # --- data -----------------------------------------------------------------------------------------------
+    def batch_for(self, step: int):
+        epoch, index = divmod(step, self.cfg.num_scenes)
+        order = torch.randperm(self.cfg.num_scenes, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        scene_seed = int(order[index])
+        image, turns = scene_turns(scene_seed, epoch)
+        pixel_values = self.processor.image_processor(image, return_tensors="pt")["pixel_values"]
+        num = (self.ref.image_size // self.model.config.vision_config.patch_size) ** 2
+        ids, labels = chatml_tokens(self.tokenizer, turns, self.model.config.image_token_id, num)
+        return pixel_values, ids, labels
+
+    # --- one step -------------------------------------------------------------------------------------------
+    def loss(self, pixel_values, ids, labels):
+        model = self.model
+        dev = self.device
+        with torch.no_grad():
+            hidden = model.model.vision_tower(pixel_values.to(dev), output_hidden_states=True).hidden_states
+            feats = hidden[self.ref.feature_layer][:, 1:]  # [1, 256, D_vis]
+        # bf16 autocast on GPU only: on these CPUs it is 7x slower than fp32 (measured, see the model card)
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+        with autocast:
+            visual = model.model.multi_modal_projector(feats)  # [1, 256, d]
+            embeds = model.model.language_model.embed_tokens(ids[None].to(dev))
+            mask = (ids == model.config.image_token_id)[None, :, None].to(dev)
+            embeds = embeds.masked_scatter(mask, visual.to(embeds.dtype))
+            hs = model.model.language_model(inputs_embeds=embeds).last_hidden_state[0]  # [S, d]
+            targets = labels[1:].to(dev)
+            where = targets != -100
+            logits = model.lm_head(hs[:-1][where])  # only supervised positions: the 49k-vocab head is costly
+        return torch.nn.functional.cross_entropy(logits.float(), targets[where])
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.cfg.warmup:
+            return (step + 1) / self.cfg.warmup
+        progress = (step - self.cfg.warmup) / max(1, self.cfg.steps - self.cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def train(self) -> None:
+        out = Path(self.cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        start = time.time()
+        self.model.train()
+        while self.step < self.cfg.steps:
+            t0, c0 = time.time(), time.process_time()
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * self.lr_factor(self.step)
+            loss = self.loss(*self.batch_for(self.step))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), 1.0)
+            self.optimizer.step()
+            self.step += 1
+            self.cpu_seconds += time.process_time() - c0
+            with self.log_path.open("a") as f:
+                f.write(json.dumps({"step": self.step, "loss": round(loss.item(), 5),
+                                    "step_s": round(time.time() - t0, 3)}) + "\n")
+            done = self.step >= self.cfg.steps
+            out_of_time = self.cfg.max_hours is not None and time.time() - start > self.cfg.max_hours * 3600
+            if done or out_of_time or self.step % self.cfg.checkpoint_every == 0:
+                self.checkpoint()
+            if out_of_time:
+                break
+        self.model.eval()
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"param.{n}": p.detach().float().cpu().contiguous() for n, p in self.params.items()}
+        index = {id(p): n for n, p in self.params.items()}
+        for p, st in self.optimizer.state.items():
+            name = index[id(p)]
+            for key in ("exp_avg", "exp_avg_sq"):
+                tensors[f"adam.{key}.{name}"] = st[key].detach().float().cpu().contiguous()
+            tensors[f"adam.step.{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+        return tensors
+
+    def checkpoint(self) -> None:
+        out = Path(self.cfg.out)
+        tmp = out / "checkpoint.safetensors.tmp"
+        save_file(self._state_tensors(), str(tmp))
+        tmp.replace(out / "checkpoint.safetensors")
+        state = {"step": self.step, "cpu_seconds_total": self.cpu_seconds, "config": self.cfg.to_dict()}
+        (out / "state.json.tmp").write_text(json.dumps(state, indent=1))
+        (out / "state.json.tmp").replace(out / "state.json")
+        save_trained(out / "reference.safetensors", self.export(), self.ref,
+                     extra={"step": self.step, "cpu_seconds_total": round(self.cpu_seconds, 1)})
+
+    def resume(self) -> None:
+        out = Path(self.cfg.out)
+        if not (out / "state.json").is_file():
+            return
+        state = json.loads((out / "state.json").read_text())
+        saved = dict(state["config"])
+        for key in ("num_scenes", "seed", "reference"):
+            mine = json.loads(json.dumps(self.cfg.to_dict()[key]))  # tuples -> lists, as stored
+            if saved[key] != mine:
+                raise ValueError(f"cannot resume {out}: it was trained with {key}={saved[key]!r}, now {mine!r}")
+        tensors = load_file(str(out / "checkpoint.safetensors"))
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(tensors[f"param.{n}"].to(p.dtype))
+        for p in self.params.values():
+            name = next(n for n, q in self.params.items() if q is p)
+            self.optimizer.state[p] = {
+                "step": tensors[f"adam.step.{name}"][0].clone(),
+                "exp_avg": tensors[f"adam.exp_avg.{name}"].to(p.device),
+                "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"].to(p.device),
+            }
+        self.step = state["step"]
+        self.cpu_seconds = state.get("cpu_seconds_total", 0.0)
+        # drop log lines past the checkpoint so an interrupted run never duplicates steps
+        if self.log_path.is_file():
+            lines = [ln for ln in self.log_path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
+            self.log_path.write_text("".join(ln + "\n" for ln in lines))
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """Trainable weights in the asset format (projector.*, lora.<module>.A/.B)."""
+        projector = self.model.model.multi_modal_projector.state_dict()
+        lora = {name: (m.lora_A["default"].weight, m.lora_B["default"].weight) for name, m in self.lora_layers.items()}
+        return trained_state(projector, lora)
+
+
+def set_threads() -> None:
+    if not torch.cuda.is_available():
+        torch.set_num_threads(int(os.environ.get("VLMEFF_THREADS", os.cpu_count() or 1)))
