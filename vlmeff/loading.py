@@ -29,7 +29,9 @@ def load(name_or_path: str, *, dtype: str = "auto", device: str | None = None, a
     ).eval()
     if device is not None:
         model = model.to(device)
-    return model, load_processor(name_or_path, config)
+    processor = load_processor(name_or_path, config)
+    processor.tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
+    return model, processor
 
 
 def load_processor(name_or_path: str, config=None):

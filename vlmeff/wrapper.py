@@ -37,6 +37,7 @@ class RunStats:
     text_tokens: int = 0
     flops: dict[str, int] = field(default_factory=dict)
     flops_vanilla: dict[str, int] = field(default_factory=dict)
+    per_sample_flops: list[int] = field(default_factory=list)  # total prefill FLOPs of each batch row
     encode_s: float = 0.0  # vision encoder
     strategy_s: float = 0.0  # the strategies' own work (scores, selection, splice)
     llm_prefill_s: float = 0.0  # first LLM forward over the prompt
@@ -157,8 +158,10 @@ class VLMWrapper:
             kept = sum(img.features.shape[0] for _, img in mine)
             vanilla += prefill_flops(self.config, image_tokens=encoder, projected_tokens=full,
                                      tokens_per_layer=text + full)
-            reduced += prefill_flops(self.config, image_tokens=encoder, projected_tokens=kept,
-                                     tokens_per_layer=text + kept)
+            row_flops = prefill_flops(self.config, image_tokens=encoder, projected_tokens=kept,
+                                      tokens_per_layer=text + kept)
+            stats.per_sample_flops.append(row_flops.total)
+            reduced += row_flops
         stats.flops, stats.flops_vanilla = reduced.to_dict(), vanilla.to_dict()
 
     @property

@@ -1,0 +1,323 @@
+"""The benchmark runner behind `vlmeff eval --benchmark pope`.
+
+For each strategy spec the runner answers every question (greedy, batched), appends one JSON line per question to
+`<output>/samples/<spec>.jsonl` as it goes, and on a rerun skips what is already there (a torn last line from an
+interrupted run is dropped), so no sample is lost or duplicated. It then writes summary.json / summary.csv, a
+Markdown table, a plot (metric vs kept visual tokens, one line per method, vanilla dashed) and run.json (the exact
+command, seed, package versions).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import re
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from vlmeff.eval.metrics import pope_summary
+from vlmeff.eval.parsers import PARSERS
+from vlmeff.eval.pope import LLAVA_PROMPT_SUFFIX, PopeSample
+from vlmeff.images import load_image
+from vlmeff.spec import describe, parse_spec
+
+
+def budgeted(spec: str, budgets: Sequence[int]) -> list[str]:
+    """"fastervlm" + budgets [64, 32] -> ["fastervlm:keep=64", "fastervlm:keep=32"]; specs with a budget stay."""
+    text = spec.strip()
+    if text.lower() in ("vanilla", "none", ""):
+        return ["vanilla"]
+    if re.search(r"\b(keep|ratio)=", text) or text.endswith((".yaml", ".yml")):
+        return [describe(parse_spec(text))]
+    first, sep, rest = text.partition("+")
+    name, colon, args = first.partition(":")
+    out = []
+    for b in budgets:
+        item = f"{name}:keep={b}" + (f",{args}" if colon and args else "")
+        out.append(describe(parse_spec(item + (sep + rest if sep else ""))))
+    return out
+
+
+def safe_name(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)[:150] or "vanilla"
+
+
+@dataclass
+class SampleResult:
+    question_id: str
+    split: str
+    image_id: str
+    label: str
+    answer: str
+    kept_tokens: int
+    visual_tokens: int
+    prefill_flops: int
+    prefill_s: float
+    total_s: float
+
+
+def read_done(path: Path) -> dict[str, dict]:
+    """Completed records of a samples file; a torn last line (interrupted write) is removed from the file."""
+    if not path.is_file():
+        return {}
+    done, good = {}, []
+    lines = path.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # torn write at the end: drop it and redo that sample
+            raise ValueError(f"{path}, line {i + 1}: not valid JSON; delete the file or fix the line") from None
+        if not line.endswith("\n"):
+            break
+        done[rec["question_id"] + "|" + rec["split"]] = rec
+        good.append(line)
+    if len(good) != len(lines):
+        path.write_text("".join(good))
+    return done
+
+
+class PopeRunner:
+    def __init__(self, model, processor, samples: list[PopeSample], output: Path, *,
+                 image_loader: Callable[[PopeSample], Image.Image], batch_size: int = 8, max_new_tokens: int = 8,
+                 prompt_suffix: str = LLAVA_PROMPT_SUFFIX, progress: bool = True):
+        self.model = model
+        self.processor = processor
+        self.samples = samples
+        self.output = Path(output)
+        self.image_loader = image_loader
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.prompt_suffix = prompt_suffix
+        self.progress = progress
+        processor.tokenizer.padding_side = "left"  # batched greedy generation needs left padding
+
+    def samples_path(self, spec: str) -> Path:
+        return self.output / "samples" / f"{safe_name(spec)}.jsonl"
+
+    def prompt(self, sample: PopeSample) -> str:
+        content = [{"type": "image"}, {"type": "text", "text": sample.text + self.prompt_suffix}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def run(self, spec: str) -> list[dict]:
+        import vlmeff
+
+        path = self.samples_path(spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        done = read_done(path)
+        todo = [s for s in self.samples if f"{s.question_id}|{s.split}" not in done]
+        vm = vlmeff.wrap(self.model, self.processor, spec)
+        bar = tqdm(total=len(self.samples), initial=len(self.samples) - len(todo), desc=spec[:40],
+                   disable=not self.progress, file=sys.stderr)
+        try:
+            with path.open("a") as f:
+                for start in range(0, len(todo), self.batch_size):
+                    batch = todo[start:start + self.batch_size]
+                    for rec in self._answer(vm, batch):
+                        f.write(json.dumps(rec) + "\n")
+                        done[rec["question_id"] + "|" + rec["split"]] = rec
+                    f.flush()
+                    bar.update(len(batch))
+        finally:
+            bar.close()
+            vm.unwrap()
+        return [done[f"{s.question_id}|{s.split}"] for s in self.samples]
+
+    def _answer(self, vm, batch: list[PopeSample]) -> list[dict]:
+        images = [self.image_loader(s) for s in batch]
+        inputs = self.processor(images=images, text=[self.prompt(s) for s in batch], return_tensors="pt",
+                                padding=True).to(self.model.device)
+        with torch.no_grad():
+            out = vm.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        answers = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        stats, n = vm.stats, len(batch)
+        kept = defaultdict(int)
+        total = defaultdict(int)
+        for r in vm.last_record:
+            kept[r.sample] += r.num_kept
+            total[r.sample] += r.num_tokens
+        return [{
+            "question_id": s.question_id, "split": s.split, "image_id": s.image_id, "label": s.label,
+            "answer": a.strip(), "kept_tokens": kept[i], "visual_tokens": total[i],
+            "prefill_flops": stats.per_sample_flops[i] if stats.per_sample_flops else 0,
+            "prefill_s": round(stats.prefill_s / n, 5), "total_s": round(stats.total_s / n, 5),
+            "batch_size": n,
+        } for i, (s, a) in enumerate(zip(batch, answers))]
+
+
+def summarize(results: dict[str, list[dict]], parser: str) -> dict:
+    """Per spec: metrics per split + mean under every parser, and mean kept tokens / FLOPs / times."""
+    summary = {}
+    for spec, records in results.items():
+        by_split: dict[str, list[dict]] = defaultdict(list)
+        for r in records:
+            by_split[r["split"]].append(r)
+        metrics = {name: pope_summary({split: ([fn(r["answer"]) for r in rs], [r["label"] for r in rs])
+                                       for split, rs in by_split.items()})
+                   for name, fn in PARSERS.items()}
+        n = max(1, len(records))
+        summary[spec] = {
+            "spec": spec, "parser": parser, "metrics": metrics[parser], "metrics_all_parsers": metrics,
+            "n": len(records),
+            "kept_tokens": sum(r["kept_tokens"] for r in records) / n,
+            "visual_tokens": sum(r["visual_tokens"] for r in records) / n,
+            "prefill_gflops": sum(r["prefill_flops"] for r in records) / n / 1e9,
+            "prefill_ms": 1e3 * sum(r["prefill_s"] for r in records) / n,
+            "total_ms": 1e3 * sum(r["total_s"] for r in records) / n,
+        }
+    return summary
+
+
+def table_rows(summary: dict) -> list[dict]:
+    rows = []
+    for spec, s in summary.items():
+        m = s["metrics"]
+        row = {"strategy": spec, "kept tokens": round(s["kept_tokens"], 1),
+               "prefill GFLOPs": round(s["prefill_gflops"], 2)}
+        for split in [k for k in m if k != "mean"]:
+            row[f"{split} F1"] = round(100 * m[split]["f1"], 1)
+        row.update({"mean acc": round(100 * m["mean"]["accuracy"], 1), "mean F1": round(100 * m["mean"]["f1"], 1),
+                    "yes %": round(100 * m["mean"]["yes_ratio"], 1), "prefill ms": round(s["prefill_ms"], 1),
+                    "n": s["n"]})
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], parser: str) -> str:
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(lines) + f"\n\nParser: {parser}. Metrics in %, positive = yes; times are per question.\n"
+
+
+def write_reports(output: Path, summary: dict, parser: str, metric: str = "f1") -> dict[str, Path]:
+    output.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(summary)
+    (output / "summary.json").write_text(json.dumps(summary, indent=1))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    (output / "summary.csv").write_text(buf.getvalue())
+    table = markdown_table(rows, parser)
+    (output / "table.md").write_text(table)
+    plot_path = output / f"pope_{metric}.png"
+    plot(summary, plot_path, metric)
+    return {"summary": output / "summary.json", "csv": output / "summary.csv", "table": output / "table.md",
+            "plot": plot_path}
+
+
+def plot(summary: dict, path: Path, metric: str = "f1") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    vanilla = None
+    for spec, s in summary.items():
+        value = 100 * s["metrics"]["mean"][metric]
+        if spec == "vanilla":
+            vanilla = (s["kept_tokens"], value)
+            continue
+        family = re.sub(r"(keep|ratio)=[^,+]*,?", "", spec).rstrip(":,")
+        families[family].append((s["kept_tokens"], value))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for family, points in sorted(families.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
+    if vanilla is not None:
+        ax.axhline(vanilla[1], linestyle="--", color="black", label=f"vanilla ({vanilla[0]:.0f} tokens)")
+    ax.set_xlabel("kept visual tokens per image")
+    ax.set_ylabel(f"POPE mean {metric} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def environment(argv: Sequence[str], seed: int) -> dict:
+    import transformers
+
+    import vlmeff
+
+    return {"command": "vlmeff " + " ".join(argv), "seed": seed, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "versions": {"vlmeff": vlmeff.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()},
+            "platform": platform.platform(), "threads": torch.get_num_threads()}
+
+
+def default_image_loader(sample: PopeSample) -> Image.Image:
+    if sample.image_bytes is not None:
+        return load_image(Image.open(io.BytesIO(sample.image_bytes)))
+    if sample.image is None:
+        raise ValueError(f"question {sample.question_id}: no image")
+    return load_image(sample.image)
+
+
+def run_pope_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
+    """`vlmeff eval --benchmark pope`: load model and data, run every strategy spec, write the reports."""
+    import vlmeff
+    from vlmeff.eval.pope import load_pope, load_synthetic, synthetic_image
+
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.resume:
+        raise FileExistsError(f"output folder {output} is not empty: pass --resume to continue it, or a new --output")
+    torch.manual_seed(args.seed)
+    if args.model in (None, "reference"):
+        from vlmeff.reference.model import load_reference
+
+        model, processor = load_reference(dtype=vlmeff.loading.DTYPES[args.dtype if args.dtype != "auto" else "bf16"])
+        model_name = "reference"
+    else:
+        model, processor = vlmeff.load(args.model, dtype=args.dtype, device=args.device)
+        model_name = args.model
+    splits = args.split.split(",") if args.split else ["random", "popular", "adversarial"]
+    if args.data:
+        samples = load_pope(args.data, splits, image_dir=args.image_dir)
+        loader = default_image_loader
+    else:
+        samples = [s for s in load_synthetic() if s.split in splits]
+        loader = synthetic_image
+    if not args.full and args.limit:
+        per_split: dict[str, int] = defaultdict(int)
+        kept_samples = []
+        for s in samples:
+            if per_split[s.split] < args.limit:
+                per_split[s.split] += 1
+                kept_samples.append(s)
+        samples = kept_samples
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else []
+    specs = ["vanilla"]
+    for spec in args.strategy or []:
+        specs += [s for s in budgeted(spec, budgets) if s not in specs]
+    output.mkdir(parents=True, exist_ok=True)
+    env = environment(argv, args.seed)
+    env.update({"model": model_name, "data": args.data or "synthetic-pope", "splits": splits,
+                "questions_per_split": {s: sum(1 for x in samples if x.split == s) for s in splits},
+                "strategies": specs, "parser": args.parser, "batch_size": args.batch_size,
+                "dtype": str(model.dtype)})
+    (output / "run.json").write_text(json.dumps(env, indent=1))
+    runner = PopeRunner(model, processor, samples, output, image_loader=loader, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens)
+    t0 = time.time()
+    results = {spec: runner.run(spec) for spec in specs}
+    summary = summarize(results, args.parser)
+    paths = write_reports(output, summary, args.parser)
+    env["wall_s"] = round(time.time() - t0, 1)
+    (output / "run.json").write_text(json.dumps(env, indent=1))
+    print((output / "table.md").read_text())
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return paths
