@@ -10,6 +10,7 @@ patched.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -43,6 +44,11 @@ class VisionProbe:
             "this vision tower has no [CLS] token, so [CLS]-attention scores are not defined; use a substitute "
             "score (fastervlm:scorer=global_query, FlowCut's mean-query global token)"
         )
+
+    def keys(self, image: int, block: int | None = None) -> torch.Tensor:
+        """[T, H * head_dim]: attention keys of one encoder block (default: the feature block) for all T tokens
+        of the image (with [CLS] first when the tower has one), heads concatenated."""
+        raise NotApplicableError("this connector does not provide encoder keys")
 
     def global_query_attention(self, image: int) -> torch.Tensor:
         """[V]: attention of the mean query of the image's patches over its tokens at the feature layer."""
@@ -151,6 +157,18 @@ class Connector:
         return {}
 
     # --- shared mechanics --------------------------------------------------------------------------------------
+    def project_images(self, images: list[ImageTokens]) -> list[ImageTokens]:
+        """Project the tokens of images not projected yet (batched by the connector's `project`)."""
+        todo = [i for i, img in enumerate(images) if not img.projected]
+        if not todo:
+            return images
+        embeds = self.project([images[i].features for i in todo])
+        out = list(images)
+        for i, emb in zip(todo, embeds):
+            images[i].record.projected_tokens = emb.shape[0]
+            out[i] = dataclasses.replace(images[i], features=emb, projected=True)
+        return out
+
     def slots(self, inputs: dict[str, Any]) -> list[ImageSlot]:
         runs = find_runs(inputs["input_ids"] == self.image_token_id)
         return assign_slots(runs, self.image_grids(inputs))
@@ -185,7 +203,7 @@ class Connector:
         input_ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask
-        embeds = self.project([img.features for img in images])
+        embeds = [img.features for img in self.project_images(images)]
         mm = {"image": BaseModelOutputWithPooling(pooler_output=tuple(embeds))}
         reduced = any(img.features.shape[0] != slot.length for img, slot in zip(images, slots))
         if not reduced:  # nothing removed: hand the model its own inputs (exactly the unwrapped computation)

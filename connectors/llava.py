@@ -14,6 +14,7 @@ from transformers import LlavaForConditionalGeneration
 
 from vlmeff.connectors.base import Connector, VisionProbe
 from vlmeff.connectors.vision_towers import cls_attention_row, vit_spec
+from vlmeff.strategy import NotApplicableError
 from vlmeff.registry import register_connector
 
 
@@ -24,6 +25,20 @@ class LlavaProbe(VisionProbe):
         self.connector = connector
         self.hidden_states = hidden_states
         self._cls = None
+        self._keys: dict[int, torch.Tensor] = {}
+
+    def keys(self, image: int, block: int | None = None) -> torch.Tensor:
+        block = self.connector.feature_layer if block is None else block
+        if block not in self._keys:
+            spec = self.connector.vit
+            if spec.cls_query_keys is None:
+                raise NotApplicableError(f"keys of the {self.connector.config.vision_config.model_type} tower "
+                                         "are not exposed by vlmeff yet")
+            layer = spec.layers(self.connector.model.model.vision_tower)[block]
+            with torch.no_grad():
+                _, k, _, _ = spec.cls_query_keys(layer, self.hidden_states[block])  # input of block = hs[block]
+            self._keys[block] = k.float()  # [I, T, H*hd]
+        return self._keys[block][image]
 
     def cls_attention(self, image: int) -> torch.Tensor:
         if not self.connector.has_cls:

@@ -70,6 +70,7 @@ class SelectionRecord:
     merge_groups: list[list[int]] | None = None
     per_layer_kept: dict[int, int] = field(default_factory=dict)
     strategies: list[str] = field(default_factory=list)
+    projected_tokens: int = 0  # tokens that went through the projector (for FLOPs)
 
     @property
     def num_kept(self) -> int:
@@ -88,9 +89,12 @@ class SelectionRecord:
 class ImageTokens:
     """The visual tokens of one image while strategies act on them (pre-LLM stage).
 
-    features: [V_cur, D] in the connector's reduction space (LLaVA: vision features before the projector;
-              Qwen2-VL: merged features after the PatchMerger).
-    index:    [V_cur] original grid index of each token, -1 for synthetic (merged) tokens.
+    features: [V_cur, D] vision features (LLaVA: before the projector; Qwen2-VL: after the PatchMerger, which
+              is already the LLM space) or, once `projected`, LLM embeddings. A strategy with
+              `token_space = "llm"` receives projected tokens (the wrapper projects first).
+    index:    [V_cur] original grid index of each token: for a merged token, the index of the token it was
+              merged into (its representative); -1 only for synthetic tokens without a grid cell. Order is the
+              order the tokens reach the LLM (kept tokens in raster order, merged/contextual ones appended).
     probe:    lazy access to vision-encoder internals (attention rows) for this image, see `VisionProbe`.
     """
 
@@ -99,6 +103,7 @@ class ImageTokens:
     probe: VisionProbe
     image: int
     record: SelectionRecord
+    projected: bool = False  # True once features are in the LLM embedding space
 
     @property
     def num_original(self) -> int:
@@ -169,6 +174,8 @@ class Strategy:
     experimental: ClassVar[bool] = False
     # True when the method needs the complete, unreduced token grid (it cannot follow another reduction).
     needs_full_grid: ClassVar[bool] = False
+    # "vision": acts on vision features (before the projector); "llm": on projected tokens
+    token_space: ClassVar[str] = "vision"
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Strategy:

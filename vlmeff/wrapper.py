@@ -134,6 +134,8 @@ class VLMWrapper:
             t1 = time.perf_counter()
             for strategy in self.strategies:
                 if strategy.stage is Stage.PRE_LLM:
+                    if strategy.token_space == "llm":
+                        images = self.connector.project_images(images)
                     images = strategy.reduce(images)
             model_kwargs = self.connector.assemble(inputs, slots, images, self.positions)
             self._sync()
@@ -156,9 +158,10 @@ class VLMWrapper:
             encoder = [self.connector.encoder_tokens(s) for s, _ in mine]
             full = sum(s.length for s, _ in mine)
             kept = sum(img.features.shape[0] for _, img in mine)
+            projected = sum(img.record.projected_tokens for _, img in mine)
             vanilla += prefill_flops(self.config, image_tokens=encoder, projected_tokens=full,
                                      tokens_per_layer=text + full)
-            row_flops = prefill_flops(self.config, image_tokens=encoder, projected_tokens=kept,
+            row_flops = prefill_flops(self.config, image_tokens=encoder, projected_tokens=projected,
                                       tokens_per_layer=text + kept)
             stats.per_sample_flops.append(row_flops.total)
             reduced += row_flops
