@@ -14,8 +14,8 @@ from transformers import LlavaForConditionalGeneration
 
 from vlmeff.connectors.base import Connector, VisionProbe
 from vlmeff.connectors.vision_towers import cls_attention_row, vit_spec
-from vlmeff.strategy import NotApplicableError
 from vlmeff.registry import register_connector
+from vlmeff.strategy import NotApplicableError
 
 
 class LlavaProbe(VisionProbe):
