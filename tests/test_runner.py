@@ -37,11 +37,11 @@ def test_run_appends_and_resumes_without_loss_or_duplicates(loaded, tmp_path, sa
     calls = {"n": 0}
     original = PopeRunner._answer
 
-    def crash_after_two_batches(self, vm, batch):
+    def crash_after_two_batches(self, vm, batch, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt  # an interrupted run
-        return original(self, vm, batch)
+        return original(self, vm, batch, **kwargs)
 
     monkeypatch.setattr(PopeRunner, "_answer", crash_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
@@ -91,7 +91,8 @@ def test_summary_and_reports(tmp_path):
 
 def test_cli_eval_on_tiny_model(saved_models, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["eval", "--benchmark", "pope", "--model", saved_models["llava-dinov2"], "--strategy", "fastervlm",
+    args = ["eval", "--benchmark", "pope", "--model", saved_models["llava-dinov2"], "--strategy", "blind",
+            "--strategy", "fastervlm",
             "--budgets", "16,8", "--limit", "6", "--split", "random", "--batch-size", "3", "--max-new-tokens",
             "2", "--output", str(out), "--dtype", "float32"]
     assert main(args) == 0
@@ -101,7 +102,8 @@ def test_cli_eval_on_tiny_model(saved_models, tmp_path, capsys):
     assert run["command"].startswith("vlmeff eval") and run["questions_per_split"] == {"random": 6}
     assert "torch" in run["versions"] and run["strategies"][0] == "vanilla"
     summary = json.loads((out / "summary.json").read_text())
-    assert [round(s["kept_tokens"]) for s in summary.values()] == [64, 16, 8]
+    assert [round(s["kept_tokens"]) for s in summary.values()] == [64, 0, 16, 8]
+    assert list(summary)[1] == "blind" and 0 < summary["blind"]["prefill_gflops"] < summary["vanilla"]["prefill_gflops"]
     assert main(args) == 2  # output exists: refuse without --resume
     assert "pass --resume" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0

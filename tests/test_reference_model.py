@@ -1,0 +1,56 @@
+"""The shipped reference model loads offline from the converted cache and answers held-out questions."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from vlmeff.reference.model import ASSET_NAME, asset_dir
+from vlmeff.reference.weights import PART_DIRS, cache_dir
+
+CACHE_READY = all((cache_dir() / d / "done.json").is_file() for d in PART_DIRS.values())
+pytestmark = [
+    pytest.mark.skipif(not (asset_dir() / ASSET_NAME).is_file(), reason="no trained reference weights in assets/"),
+    pytest.mark.skipif(not CACHE_READY, reason="pretrained parts not converted yet: run `vlmeff reference fetch`"),
+]
+
+
+@pytest.fixture(scope="module")
+def reference(monkeypatch_module):
+    monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")  # everything must come from the local cache
+    from vlmeff.reference.model import load_reference
+
+    return load_reference(dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_loads_offline_as_a_plain_llava(reference):
+    model, processor = reference
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert model.config.vision_config.model_type == "dinov2"
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_answers_held_out_questions(reference):
+    from vlmeff.eval.parsers import parse_official
+    from vlmeff.eval.pope import load_synthetic, synthetic_image
+    from vlmeff.eval.runner import PopeRunner
+
+    model, processor = reference
+    samples = [s for s in load_synthetic(num_images=4) if s.split == "adversarial"]  # 24 held-out questions
+    runner = PopeRunner(model, processor, samples, output=None, image_loader=synthetic_image, progress=False)
+    import vlmeff
+
+    with vlmeff.wrap(model, processor) as vm:
+        records = runner._answer(vm, samples)
+    correct = [parse_official(r["answer"]) == r["label"] for r in records]
+    assert sum(correct) >= 0.75 * len(correct), [(r["answer"], r["label"]) for r in records]
