@@ -1,5 +1,9 @@
 """vlmeff.pruners: one module per token-reduction method; importing this package registers them."""
 
+from vlmeff.pruners.aim import AIM
 from vlmeff.pruners.fastervlm import FasterVLM
+from vlmeff.pruners.pool import Pool
+from vlmeff.pruners.random import RandomPruner
+from vlmeff.pruners.visionzip import VisionZip
 
-__all__ = ["FasterVLM"]
+__all__ = ["AIM", "FasterVLM", "Pool", "RandomPruner", "VisionZip"]

@@ -56,9 +56,10 @@ class NotApplicableError(StrategyError):
 class SelectionRecord:
     """What happened to the visual tokens of one image (one view / frame).
 
-    kept_indices: indices in the original token grid (raster order over `grid`) of the real tokens that reach the
-    LLM, ascending. `num_extra` tokens (merged / contextual) follow them; `merge_groups[j]` lists the original
-    indices folded into extra token j when a method merges.
+    kept_indices: original grid indices (raster order over `grid`) of the tokens that reach the LLM, in the order
+    they reach it; for a merged token, the cell that represents it. `num_extra` tokens without a grid cell follow
+    (none of the built-in methods makes such tokens). `merge_groups[j]` lists the original cells folded into
+    token j (a token kept as is has a group of one) when a method merged; None when nothing was merged.
     """
 
     sample: int
@@ -104,10 +105,25 @@ class ImageTokens:
     image: int
     record: SelectionRecord
     projected: bool = False  # True once features are in the LLM embedding space
+    # groups[j]: original grid indices folded into token j (None while no strategy has merged anything)
+    groups: list[list[int]] | None = None
 
     @property
     def num_original(self) -> int:
         return self.record.num_tokens
+
+    def keep(self, positions: torch.Tensor) -> ImageTokens:
+        """The tokens at `positions` [k] (in that order), with their indices and merge groups."""
+        features = gather_tokens(self.features[None], positions[None])[0]  # [k, D]
+        groups = None if self.groups is None else [self.groups[j] for j in positions.tolist()]
+        return dataclasses.replace(self, features=features, index=self.index[positions], groups=groups)
+
+    def finish_record(self) -> SelectionRecord:
+        """Write what reaches the LLM into the record: kept (representative) indices, extras, merge groups."""
+        self.record.kept_indices = self.index[self.index >= 0]
+        self.record.num_extra = int((self.index < 0).sum())
+        self.record.merge_groups = self.groups
+        return self.record
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
@@ -278,10 +294,6 @@ class ScorePruner(TokenReducer, Budget):
                 img.record.strategies.append(self.name)
                 out.append(img)
                 continue
-            kept = topk_sorted(self.score(img), k)  # [k]
-            features = gather_tokens(img.features[None], kept[None])[0]  # [k, D]
-            index = img.index[kept]
-            img.record.kept_indices = index[index >= 0]
             img.record.strategies.append(self.name)
-            out.append(dataclasses.replace(img, features=features, index=index))
+            out.append(img.keep(topk_sorted(self.score(img), k)))  # top-k, raster order
         return out

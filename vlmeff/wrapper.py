@@ -142,7 +142,7 @@ class VLMWrapper:
             self._sync()
         t2 = time.perf_counter()
         self.stats.encode_s, self.stats.strategy_s = t1 - t0, t2 - t1
-        self.last_record = [img.record for img in images]
+        self.last_record = [img.finish_record() for img in images]
         self._count(inputs, slots, images)
         return model_kwargs
 
