@@ -86,3 +86,13 @@ def test_load_trained_merges_lora_exactly(tmp_path):
         proj = {k: v for k, v in trainer.model.model.multi_modal_projector.state_dict().items()}
         for k, v in fresh.model.multi_modal_projector.state_dict().items():
             assert torch.equal(v, proj[k])
+
+
+def test_init_from_asset_restores_the_trained_weights(tmp_path):
+    trainer = _train(tmp_path / "a", steps=2)
+    model, processor = tiny_parts()
+    fresh = Trainer(model, processor, TrainConfig(out=str(tmp_path / "c"), steps=2, num_scenes=5, reference=REF))
+    fresh.init_from(tmp_path / "a" / "reference.safetensors")
+    exported, original = fresh.export(), trainer.export()
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k]) for k in original)

@@ -93,9 +93,13 @@ def _cmd_reference(args) -> int:
         set_threads()
         ref = ReferenceConfig(feature_layer=args.feature_layer)
         cfg = TrainConfig(out=args.out, steps=args.steps, num_scenes=args.num_scenes, seed=args.seed,
-                          max_hours=args.max_hours, checkpoint_every=args.checkpoint_every, reference=ref)
+                          max_hours=args.max_hours, checkpoint_every=args.checkpoint_every, reference=ref,
+                          lr_projector=args.lr_projector, lr_lora=args.lr_lora)
         model, processor = build_untrained(ref, source=args.source)
-        Trainer(model, processor, cfg).train()
+        trainer = Trainer(model, processor, cfg)
+        if args.init_from:
+            trainer.init_from(args.init_from)
+        trainer.train()
         print(f"trained weights: {args.out}/reference.safetensors")
     return 0
 
@@ -156,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--feature-layer", type=int, default=-5)
     ref.add_argument("--checkpoint-every", type=int, default=50)
     ref.add_argument("--max-hours", type=float, default=None)
+    ref.add_argument("--init-from", default=None, help="train: start from these trained weights (fresh optimizer, "
+                     "ignored when --out holds a checkpoint to resume)")
+    ref.add_argument("--lr-projector", type=float, default=1e-3)
+    ref.add_argument("--lr-lora", type=float, default=2e-4)
     ref.add_argument("--seed", type=int, default=0)
     ref.set_defaults(fn=_cmd_reference)
     return parser

@@ -239,6 +239,17 @@ class Trainer:
             lines = [ln for ln in self.log_path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
             self.log_path.write_text("".join(ln + "\n" for ln in lines))
 
+    def init_from(self, path: str | Path) -> None:
+        """Start from trained weights in the asset format (e.g. the shipped assets/reference file), with a fresh
+        optimizer: how a later session continues training when the run folder (with optimizer state) is gone."""
+        state = load_file(str(path))
+        with torch.no_grad():
+            self.model.model.multi_modal_projector.load_state_dict(
+                {k[len("projector."):]: v.float() for k, v in state.items() if k.startswith("projector.")})
+            for name, m in self.lora_layers.items():
+                m.lora_A["default"].weight.copy_(state[f"lora.{name}.A"].float())
+                m.lora_B["default"].weight.copy_(state[f"lora.{name}.B"].float())
+
     def export(self) -> dict[str, torch.Tensor]:
         """Trainable weights in the asset format (projector.*, lora.<module>.A/.B)."""
         projector = self.model.model.multi_modal_projector.state_dict()
