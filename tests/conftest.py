@@ -50,6 +50,19 @@ def make_inputs(processor, prompts: list[str], images: list[list[Image.Image]]):
     return processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
 
 
+def greedy(fn, inputs, n=5):
+    """Greedy generation of n new tokens with `fn` (model.generate or a wrapper's generate)."""
+    return fn(**inputs, max_new_tokens=n, do_sample=False)
+
+
+def llm_input_lengths(model):
+    """Record the sequence length of every language-model call; returns (lengths list, hook handle)."""
+    seen = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
+    return seen, handle
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vlmeff
-from conftest import make_image, make_inputs
+from conftest import greedy, llm_input_lengths, make_image, make_inputs
 from vlmeff.connectors.base import VisionProbe
 from vlmeff.pruners.pool import Pool
 from vlmeff.pruners.random import RandomPruner
@@ -98,10 +98,6 @@ def tokens(features, grid, sample=0, image=0, probe=None) -> ImageTokens:
     index = torch.arange(features.shape[0])
     record = SelectionRecord(sample=sample, image=image, grid=grid, num_tokens=features.shape[0], kept_indices=index)
     return ImageTokens(features=features, index=index, probe=probe, image=image, record=record)
-
-
-def greedy(fn, inputs, n=5):
-    return fn(**inputs, max_new_tokens=n, do_sample=False)
 
 
 # --- rules on small tensors -------------------------------------------------------------------------------------
@@ -298,13 +294,6 @@ def test_batch_equals_one_by_one(loaded, kind, spec):
     vm.unwrap()
 
 
-def _llm_lengths(model):
-    seen = []
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
-    return seen, handle
-
-
 @pytest.mark.parametrize("kind,spec,kept", [
     ("llava-clip", "random:keep=9", 9), ("qwen2-vl", "random:keep=5", 5), ("llava-clip", "pool:keep=20", 16),
     ("qwen2-vl", "pool:keep=4", None), ("llava-clip", "visionzip:dominant=6,contextual=3", 9),
@@ -313,7 +302,7 @@ def test_generate_shrinks_the_llm_input(loaded, kind, spec, kept):
     model, processor = loaded(kind)
     inputs = make_inputs(processor, PROMPTS[:1], [[make_image(3)]])
     vm = vlmeff.wrap(model, processor, spec)
-    seen, handle = _llm_lengths(model)
+    seen, handle = llm_input_lengths(model)
     try:
         out = greedy(vm.generate, inputs, n=4)
     finally:

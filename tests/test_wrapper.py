@@ -6,15 +6,11 @@ import pytest
 import torch
 
 import vlmeff
-from conftest import make_image, make_inputs
+from conftest import greedy, llm_input_lengths, make_image, make_inputs
 
 PROMPTS = ["What is in the image?", "Is there a dog in the image? Answer yes or no.", "Describe the picture."]
 PRUNE = {"llava-clip": "fastervlm:keep=9", "llava-dinov2": "fastervlm:keep=9",
          "qwen2-vl": "fastervlm:keep=7,scorer=global_query", "qwen2.5-vl": "fastervlm:keep=7,scorer=global_query"}
-
-
-def greedy(fn, inputs, n=5):
-    return fn(**inputs, max_new_tokens=n, do_sample=False)
 
 
 @pytest.mark.parametrize("kind", ["llava-clip", "llava-dinov2", "qwen2-vl", "qwen2.5-vl"])
@@ -33,19 +29,12 @@ def test_keep_everything_is_exactly_the_unwrapped_model(loaded, kind, spec):
         assert vm.stats.visual_tokens_kept == vm.stats.visual_tokens_in
 
 
-def _llm_input_lengths(model):
-    seen = []
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
-    return seen, handle
-
-
 @pytest.mark.parametrize("kind", ["llava-clip", "qwen2-vl", "qwen2.5-vl"])
 def test_llm_input_really_shrinks_and_generate_works(loaded, kind):
     model, processor = loaded(kind)
     inputs = make_inputs(processor, PROMPTS[:1], [[make_image(3)]])
     vm = vlmeff.wrap(model, processor, PRUNE[kind])
-    seen, handle = _llm_input_lengths(model)
+    seen, handle = llm_input_lengths(model)
     try:
         out = greedy(vm.generate, inputs, n=4)
     finally:
