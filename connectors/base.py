@@ -18,7 +18,13 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmeff.kernels import compact, gather_tokens
-from vlmeff.strategy import ImageTokens, NotApplicableError, SelectionRecord
+from vlmeff.strategy import (
+    ImageTokens,
+    NotApplicableError,
+    ProbeUnavailableError,
+    SelectionRecord,
+    TokenReducer,
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,24 @@ class VisionProbe:
     def global_query_attention(self, image: int) -> torch.Tensor:
         """[V]: attention of the mean query of the image's patches over its tokens at the feature layer."""
         raise NotApplicableError("this connector does not provide a global-query attention score")
+
+
+class ReducedVisionProbe(VisionProbe):
+    """The probe after a vision-stage reduction: the original tokens' attention at the feature layer was never
+    computed (most of them were dropped inside the encoder), so every query raises `ProbeUnavailableError`; the
+    wrapper re-raises it naming the strategy that asked ("X cannot follow a vision-stage reduction")."""
+
+    def __init__(self, reducers: str):
+        self.reducers = reducers
+
+    def _unavailable(self, *args, **kwargs):
+        raise ProbeUnavailableError(
+            f"encoder attention scores of the original tokens do not exist after the vision-stage reduction by "
+            f"{self.reducers}; put a strategy that needs no encoder attention (e.g. random) "
+            "after it, or drop the vision-stage strategy"
+        )
+
+    cls_attention = keys = global_query_attention = _unavailable
 
 
 def find_runs(is_token: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -129,6 +153,16 @@ class Connector:
         """(t, h, w) token grid of each image, in order."""
         raise NotImplementedError
 
+    def encoder_layer_tokens(self, slot: ImageSlot, record: SelectionRecord) -> list[int] | None:
+        """Sequence length entering each encoder block that ran, when a vision-stage strategy pruned inside the
+        encoder (from record.per_layer_kept); None when every block ran on the full sequence."""
+        if not record.per_layer_kept:
+            return None
+        first = self.encoder_tokens(slot)
+        prefix = first - slot.length  # [CLS] (and registers) ride along with the patches
+        last = max(record.per_layer_kept)
+        return [first] + [record.per_layer_kept[b] + prefix for b in range(last)]
+
     def encoder_tokens(self, slot: ImageSlot) -> int | tuple[int, int, int]:
         """Sequence length inside the vision encoder for this image, or its patch grid (for vlmeff.flops)."""
         raise NotImplementedError
@@ -136,6 +170,13 @@ class Connector:
     def encode(self, inputs: dict[str, Any]) -> tuple[list[torch.Tensor], VisionProbe]:
         """Run the vision encoder: per-image token features [V_i, D] in the reduction space, and a probe."""
         raise NotImplementedError
+
+    def encode_reduced(self, inputs: dict[str, Any], strategies: list[TokenReducer]
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[int, int]]:
+        """Run the vision encoder with vision-stage strategies pruning inside it: per-image features [V'_i, D],
+        their original grid indices [V'_i] (ascending) and the patch count after each block {block: count}."""
+        names = ", ".join(s.name for s in strategies)
+        raise NotApplicableError(f"{names}: the {self.name} connector cannot run strategies inside its vision encoder")
 
     def project(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Map per-image reduced features into the LLM embedding space."""
@@ -173,16 +214,28 @@ class Connector:
         runs = find_runs(inputs["input_ids"] == self.image_token_id)
         return assign_slots(runs, self.image_grids(inputs))
 
-    def prepare_tokens(self, inputs: dict[str, Any]) -> tuple[list[ImageSlot], list[ImageTokens]]:
+    def prepare_tokens(self, inputs: dict[str, Any], vision_strategies: list[TokenReducer] | None = None
+                       ) -> tuple[list[ImageSlot], list[ImageTokens]]:
+        """Encode the images into per-image tokens. With vision-stage strategies the encoder prunes inside itself
+        (`encode_reduced`): each image's index then holds the original grid indices of the tokens that survived."""
         slots = self.slots(inputs)
-        features, probe = self.encode(inputs)
+        per_layer: dict[int, int] = {}
+        if vision_strategies:
+            features, indices, per_layer = self.encode_reduced(inputs, vision_strategies)
+            probe: VisionProbe = ReducedVisionProbe(", ".join(s.name for s in vision_strategies))
+        else:
+            features, probe = self.encode(inputs)
+            indices = [torch.arange(slot.length, device=f.device) for slot, f in zip(slots, features)]
         images = []
-        for i, (slot, feats) in enumerate(zip(slots, features)):
-            if feats.shape[0] != slot.length:
+        for i, (slot, feats, index) in enumerate(zip(slots, features, indices)):
+            if feats.shape[0] != index.numel() or index.numel() > slot.length:
+                raise ValueError(f"image {i}: encoder gave {feats.shape[0]} tokens for {index.numel()} tracked "
+                                 f"indices, prompt has {slot.length} placeholders")
+            if not vision_strategies and feats.shape[0] != slot.length:
                 raise ValueError(f"image {i}: encoder gave {feats.shape[0]} tokens, prompt has {slot.length}")
-            index = torch.arange(slot.length, device=feats.device)
             record = SelectionRecord(sample=slot.sample, image=i, grid=slot.grid, num_tokens=slot.length,
-                                     kept_indices=index)
+                                     kept_indices=index, per_layer_kept=dict(per_layer),
+                                     strategies=[s.name for s in vision_strategies or []])
             images.append(ImageTokens(features=feats, index=index, probe=probe, image=i, record=record))
         return slots, images
 

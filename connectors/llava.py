@@ -14,8 +14,9 @@ from transformers import LlavaForConditionalGeneration
 
 from vlmeff.connectors.base import Connector, VisionProbe
 from vlmeff.connectors.vision_towers import cls_attention_row, vit_spec
+from vlmeff.kernels import gather_tokens
 from vlmeff.registry import register_connector
-from vlmeff.strategy import NotApplicableError
+from vlmeff.strategy import NotApplicableError, TokenReducer
 
 
 class LlavaProbe(VisionProbe):
@@ -99,6 +100,44 @@ class LlavaConnector(Connector):
             selected = [hs[:, 1:] for hs in selected]
         features = torch.cat(selected, dim=-1)  # [I, V, D_vis]
         return list(features), LlavaProbe(self, out.hidden_states)
+
+    def encode_reduced(self, inputs: dict[str, Any], strategies: list[TokenReducer]
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[int, int]]:
+        """The tower's blocks in an explicit loop (embeddings, then blocks 0..feature_layer; later blocks are not
+        needed), calling each vision-stage strategy after every block and gathering the positions it keeps.
+
+        Returns per-image features at the feature layer ([CLS] dropped), their original grid indices and the patch
+        count after each block. With strategies that keep everything this is exactly `encode`'s features.
+        """
+        names = ", ".join(s.name for s in strategies)
+        if not self.vit.runs_layer_by_layer:
+            raise NotApplicableError(f"{names}: the {self.config.vision_config.model_type} tower has no [CLS] token or "
+                                     "is not supported layer by layer by vlmeff")
+        if not isinstance(self.config.vision_feature_layer, int) or self.config.vision_feature_select_strategy != "default":
+            raise NotApplicableError(f"{names}: vision-stage pruning needs one vision_feature_layer and the 'default' "
+                                     "select strategy ([CLS] dropped)")
+        tower = self.model.model.vision_tower
+        layers = self.vit.layers(tower)
+        hidden = self.vit.embed(tower, inputs["pixel_values"].to(tower.dtype))  # [I, T, D], [CLS] first
+        num_images, num_tokens, _ = hidden.shape
+        # position of each current token in the ORIGINAL sequence ([CLS] = 0, patch j = j + 1)
+        positions = torch.arange(num_tokens, device=hidden.device).expand(num_images, -1)  # [I, T]
+        context = {"feature_layer": self.feature_layer, "num_patches": num_tokens - 1,
+                   "attention_inputs": self.vit.attention_inputs}
+        states = [dict(context) for _ in strategies]
+        per_layer: dict[int, int] = {}
+        for block in range(self.feature_layer + 1):
+            hidden_in = hidden
+            hidden = layers[block](hidden_in, None)  # CLIPEncoderLayer / Dinov2Layer: (hidden, mask) -> hidden
+            for strategy, state in zip(strategies, states):
+                keep = strategy.prune_layer(block, layers[block], hidden_in, hidden, state)
+                if keep is not None:  # [I, T'] ascending, [CLS] (position 0) first
+                    hidden = gather_tokens(hidden, keep)
+                    positions = gather_tokens(positions, keep)
+                    hidden_in = gather_tokens(hidden_in, keep)
+            per_layer[block] = hidden.shape[1] - 1
+        features = hidden[:, 1:]  # [I, V', D_vis] feature layer, [CLS] dropped
+        return list(features), list(positions[:, 1:] - 1), per_layer
 
     def project(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         projector = self.model.model.multi_modal_projector

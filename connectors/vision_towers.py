@@ -21,6 +21,15 @@ class ViTSpec:
     layers: Callable[[nn.Module], nn.ModuleList]
     # (layer, layer_input [I, T, D]) -> (q_cls [I, 1, H*hd], k [I, T, H*hd], num_heads, scale)
     cls_query_keys: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor, int, float]] | None
+    # (tower, pixel_values) -> [I, T, D]: the input of block 0, exactly as the tower's own forward computes it
+    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    # (layer, layer_input) -> (q_cls, k, v [I, T, H*hd], num_heads, scale): what vision-stage strategies score with
+    attention_inputs: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+
+    @property
+    def runs_layer_by_layer(self) -> bool:
+        """True when vision-stage strategies can run inside this tower (explicit block loop)."""
+        return self.has_cls and self.embed is not None and self.attention_inputs is not None
 
 
 def _clip_cls_query_keys(layer, hidden):
@@ -29,15 +38,38 @@ def _clip_cls_query_keys(layer, hidden):
     return attn.q_proj(normed[:, :1]), attn.k_proj(normed), attn.num_heads, attn.scale
 
 
+def _clip_attention_inputs(layer, hidden):
+    normed = layer.layer_norm1(hidden)
+    attn = layer.self_attn
+    return attn.q_proj(normed[:, :1]), attn.k_proj(normed), attn.v_proj(normed), attn.num_heads, attn.scale
+
+
+def _clip_embed(tower, pixel_values):
+    return tower.pre_layrnorm(tower.embeddings(pixel_values))  # CLIPVisionModel.forward: embeddings, pre-norm
+
+
 def _dinov2_cls_query_keys(layer, hidden):
     normed = layer.norm1(hidden)
     attn = layer.attention
     return attn.q_proj(normed[:, :1]), attn.k_proj(normed), attn.num_attention_heads, attn.scaling
 
 
+def _dinov2_attention_inputs(layer, hidden):
+    normed = layer.norm1(hidden)
+    attn = layer.attention
+    return (attn.q_proj(normed[:, :1]), attn.k_proj(normed), attn.v_proj(normed), attn.num_attention_heads,
+            attn.scaling)
+
+
+def _dinov2_embed(tower, pixel_values):
+    return tower.embeddings(pixel_values)  # Dinov2Model.forward: embeddings, no pre-norm
+
+
 VIT_TOWERS: dict[str, ViTSpec] = {
-    "clip_vision_model": ViTSpec(True, lambda tower: tower.encoder.layers, _clip_cls_query_keys),
-    "dinov2": ViTSpec(True, lambda tower: tower.encoder.layer, _dinov2_cls_query_keys),
+    "clip_vision_model": ViTSpec(True, lambda tower: tower.encoder.layers, _clip_cls_query_keys,
+                                 _clip_embed, _clip_attention_inputs),
+    "dinov2": ViTSpec(True, lambda tower: tower.encoder.layer, _dinov2_cls_query_keys,
+                      _dinov2_embed, _dinov2_attention_inputs),
     "siglip_vision_model": ViTSpec(False, lambda tower: tower.encoder.layers, None),
 }
 

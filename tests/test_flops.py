@@ -294,3 +294,34 @@ def test_unsupported_tower_raises():
         vision_flops(config, [10])
     with pytest.raises(NotImplementedError, match="foo"):
         projector_flops(config, 10)
+
+
+def test_vision_layer_tokens_for_encoder_pruning():
+    """Per-block sequence lengths (FlowCut prunes inside the tower and stops at the feature block)."""
+    from vlmeff.flops import vision_flops
+    from vlmeff.testing import tiny_llava
+
+    model, _ = tiny_llava("clip")
+    cfg = model.config
+    depth = cfg.vision_config.num_hidden_layers
+    full = vision_flops(cfg, [65])
+    assert vision_flops(cfg, [65], layer_tokens=[[65] * depth]) == full
+    fewer = vision_flops(cfg, [65], layer_tokens=[[65, 30]])  # two blocks ran, the second on 30 tokens
+    one_block = (full - vision_flops(cfg, [65], layer_tokens=[[]])) // depth
+    assert fewer == vision_flops(cfg, [65], layer_tokens=[[]]) + one_block + (
+        vision_flops(cfg, [30], layer_tokens=[[30]]) - vision_flops(cfg, [30], layer_tokens=[[]]))
+    with pytest.raises(ValueError, match="entries for"):
+        vision_flops(cfg, [65, 65], layer_tokens=[[65]])
+
+
+def test_flowcut_stats_count_the_pruned_encoder(loaded):
+    import vlmeff
+    from conftest import make_image, make_inputs
+
+    model, processor = loaded("llava-clip")
+    inputs = make_inputs(processor, ["What is it?"], [[make_image(1)]])
+    with vlmeff.wrap(model, processor, "flowcut:keep=8") as vm:
+        vm.prepare(**inputs)
+    record = vm.last_record[0]
+    assert record.num_kept == 8 and record.per_layer_kept
+    assert vm.stats.flops["vision"] < vm.stats.flops_vanilla["vision"]

@@ -198,7 +198,12 @@ def llm_prefill_flops(text_config: Any, tokens_per_layer: int | Sequence[int], l
 # ---------------------------------------------------------------------------------------------- vision
 
 
-def _clip_like_flops(vc: Any, seqs: list[int]) -> int:
+def _layer_terms(depth: int, n: int, per_block: Sequence[int] | None, layer_fn) -> int:
+    """Encoder layers: `depth` layers of n tokens, or one layer per entry of `per_block` (blocks that ran)."""
+    return depth * layer_fn(n) if per_block is None else sum(layer_fn(m) for m in per_block)
+
+
+def _clip_like_flops(vc: Any, seqs: list[int], layer_tokens: Sequence[Sequence[int]] | None = None) -> int:
     """CLIP / SigLIP / SigLIP2 towers: conv (or linear) patch embedding, ViT layers with a 2-matrix MLP,
     and, for SigLIP with ``vision_use_head``, the attention-pooling head (one probe query)."""
     dim, inter, depth = int(vc.hidden_size), int(vc.intermediate_size), int(vc.num_hidden_layers)
@@ -206,10 +211,11 @@ def _clip_like_flops(vc: Any, seqs: list[int]) -> int:
     has_cls = vc.model_type == "clip_vision_model"
     siglip_head = vc.model_type != "clip_vision_model" and bool(getattr(vc, "vision_use_head", True))
     total = 0
-    for n in seqs:
+    for i, n in enumerate(seqs):
         patches = n - int(has_cls)
         total += 2 * patches * channels * patch * patch * dim
-        total += depth * _vit_mha_layer(n, dim, 4 * dim * inter)
+        per_block = None if layer_tokens is None else layer_tokens[i]
+        total += _layer_terms(depth, n, per_block, lambda m: _vit_mha_layer(m, dim, 4 * dim * inter))
         if siglip_head:
             # nn.MultiheadAttention(probe, x, x): q and out on 1 token, fused k/v on n, scores 1 x n, MLP on 1.
             total += 2 * dim * dim + 2 * n * dim * 2 * dim + _attention_core(1, n, dim) + 2 * dim * dim
@@ -217,7 +223,7 @@ def _clip_like_flops(vc: Any, seqs: list[int]) -> int:
     return total
 
 
-def _dinov2_flops(vc: Any, seqs: list[int]) -> int:
+def _dinov2_flops(vc: Any, seqs: list[int], layer_tokens: Sequence[Sequence[int]] | None = None) -> int:
     """DINOv2 (optionally with registers): conv patch embedding, ViT layers; MLP width
     ``int(hidden * mlp_ratio)``, or SwiGLU (3 matrices, width 2/3 of that rounded up to a multiple of 8)."""
     dim, depth = int(vc.hidden_size), int(vc.num_hidden_layers)
@@ -230,9 +236,10 @@ def _dinov2_flops(vc: Any, seqs: list[int]) -> int:
         mlp = 4 * dim * hidden
     prefix = 1 + int(getattr(vc, "num_register_tokens", 0) if vc.model_type == "dinov2_with_registers" else 0)
     total = 0
-    for n in seqs:
+    for i, n in enumerate(seqs):
         total += 2 * (n - prefix) * channels * patch * patch * dim
-        total += depth * _vit_mha_layer(n, dim, mlp)
+        per_block = None if layer_tokens is None else layer_tokens[i]
+        total += _layer_terms(depth, n, per_block, lambda m: _vit_mha_layer(m, dim, mlp))
     return total
 
 
@@ -274,7 +281,8 @@ def _qwen_flops(vc: Any, items: list[tuple[int, tuple[int, int, int] | None]]) -
     return total
 
 
-def vision_flops(config: Any, image_tokens: Sequence[Any]) -> int:
+def vision_flops(config: Any, image_tokens: Sequence[Any],
+                 layer_tokens: Sequence[Sequence[int]] | None = None) -> int:
     """FLOPs of the vision encoder (all layers; Qwen: including the PatchMerger) for the given images.
 
     Args:
@@ -289,6 +297,10 @@ def vision_flops(config: Any, image_tokens: Sequence[Any]) -> int:
             exactly per window. A plain int is one frame with full attention in every layer, which
             over-counts the attention of Qwen2.5-VL's windowed layers (and of multi-frame videos).
 
+        layer_tokens: optional, LLaVA towers (CLIP-like, DINOv2): per image the sequence length entering each
+            encoder block that ran, for strategies that prune inside the encoder and stop at the feature block
+            (FlowCut); without it every block runs on the full sequence.
+
     Returns:
         FLOPs (int): patch embedding (conv as a matmul, ``2 * patches * in_ch * p * p [* temporal_patch] * D``)
         + every encoder layer (``8 n D^2`` projections, ``4 n^2 D`` attention as a full square per attention
@@ -297,10 +309,14 @@ def vision_flops(config: Any, image_tokens: Sequence[Any]) -> int:
     vc = config.vision_config
     kind = vc.model_type
     items = _split_image_tokens(image_tokens)
+    if layer_tokens is not None and len(layer_tokens) != len(items):
+        raise ValueError(f"layer_tokens has {len(layer_tokens)} entries for {len(items)} images")
     if kind in _CLIP_LIKE:
-        return _clip_like_flops(vc, [n for n, _ in items])
+        return _clip_like_flops(vc, [n for n, _ in items], layer_tokens)
     if kind in _DINOV2:
-        return _dinov2_flops(vc, [n for n, _ in items])
+        return _dinov2_flops(vc, [n for n, _ in items], layer_tokens)
+    if layer_tokens is not None:
+        raise NotImplementedError(f"per-block vision tokens are not supported for {kind!r}")
     if kind in (_QWEN2_VL, _QWEN2_5_VL):
         return _qwen_flops(vc, items)
     raise NotImplementedError(f"vision FLOPs: unsupported vision tower model_type {kind!r}")
@@ -331,6 +347,7 @@ def prefill_flops(
     projected_tokens: int,
     tokens_per_layer: int | Sequence[int],
     logits_tokens: int = 1,
+    vision_layer_tokens: Sequence[Sequence[int]] | None = None,
 ) -> FlopsBreakdown:
     """Prefill FLOPs of one sample, split into vision / projector / LLM.
 
@@ -340,9 +357,11 @@ def prefill_flops(
         projected_tokens: visual tokens that go through the LLaVA projector (ignored for Qwen).
         tokens_per_layer: LLM sequence length (text + visual tokens), an int or one entry per decoder layer.
         logits_tokens: positions the LM head is applied to (1 = last token, as in ``generate``).
+        vision_layer_tokens: per image, the sequence length entering each encoder block that ran (see
+            :func:`vision_flops`), for strategies that prune inside the encoder.
     """
     return FlopsBreakdown(
-        vision=vision_flops(config, image_tokens),
+        vision=vision_flops(config, image_tokens, vision_layer_tokens),
         projector=projector_flops(config, projected_tokens),
         llm=llm_prefill_flops(_text_config(config), tokens_per_layer, logits_tokens),
     )

@@ -40,7 +40,7 @@ class Stage(str, enum.Enum):
 
 
 # Stages the wrapper executes in this release; a strategy of another stage is refused with a clear error.
-IMPLEMENTED_STAGES = (Stage.PRE_LLM,)
+IMPLEMENTED_STAGES = (Stage.VISION, Stage.PRE_LLM)
 POSITION_MODES = ("auto", "reindex", "preserve")
 
 
@@ -50,6 +50,10 @@ class StrategyError(ValueError):
 
 class NotApplicableError(StrategyError):
     """The strategy cannot run on this model (e.g. it needs a [CLS] token the vision tower does not have)."""
+
+
+class ProbeUnavailableError(NotApplicableError):
+    """The vision probe cannot answer: the encoder's original tokens were reduced inside the encoder."""
 
 
 @dataclass
@@ -238,6 +242,20 @@ class TokenReducer(Strategy):
 
     def reduce(self, images: list[ImageTokens]) -> list[ImageTokens]:
         """Pre-LLM stage: return the reduced tokens of each image (records updated)."""
+        raise NotImplementedError
+
+    def prune_layer(self, layer_index: int, layer: torch.nn.Module, hidden_in: torch.Tensor,
+                    hidden_out: torch.Tensor, state: dict[str, Any]) -> torch.Tensor | None:
+        """Vision stage: called by the connector after encoder block `layer_index` (0-based) of one encode.
+
+        hidden_in / hidden_out: [I, T, D] input and output of the block for all images of the batch ([CLS] first).
+        state: one dict per strategy and encode. The connector seeds it with read-only context: "feature_layer"
+        (0-based block whose output LLaVA reads), "num_patches" (V before any reduction) and "attention_inputs"
+        ((layer, hidden) -> (q_cls [I, 1, H*hd], k [I, T, H*hd], v [I, T, H*hd], heads, scale)); the strategy
+        keeps its own entries (e.g. a cumulative score, which it gathers itself when it prunes).
+        Returns the positions to keep, [I, T'] ascending with position 0 ([CLS]) kept and the same T' for every
+        image, or None to keep everything.
+        """
         raise NotImplementedError
 
 

@@ -1,7 +1,8 @@
 """`vlmeff.wrap(model, processor, spec)`: run a stock HF VLM with visual-token strategies.
 
 The wrapper never patches model code. For each call it
-1. finds the image spans and encodes the images through the connector (one tower pass, same as HF's),
+1. finds the image spans and encodes the images through the connector (one tower pass, same as HF's; with
+   vision-stage strategies an explicit block loop that prunes inside the encoder),
 2. runs the pre-LLM strategies on per-image tokens (records kept indices per image),
 3. projects and splices the reduced features back (placeholders, masks, positions shrink with them),
 4. calls the model's own `forward` / `generate` with the reduced inputs and `mm_encoder_outputs`.
@@ -22,7 +23,7 @@ from vlmeff.connectors.base import Connector
 from vlmeff.flops import FlopsBreakdown, prefill_flops
 from vlmeff.registry import CONNECTORS
 from vlmeff.spec import build_pipeline, describe, parse_spec
-from vlmeff.strategy import SelectionRecord, Stage, TokenReducer
+from vlmeff.strategy import ProbeUnavailableError, SelectionRecord, Stage, TokenReducer
 
 # Keys of processor output that describe the prompt and images (everything else goes to generate as is).
 INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes")
@@ -130,14 +131,19 @@ class VLMWrapper:
             return {k: v for k, v in inputs.items() if v is not None}
         t0 = time.perf_counter()
         with torch.no_grad():
-            slots, images = self.connector.prepare_tokens(inputs)
+            vision = [s for s in self.strategies if s.stage is Stage.VISION]
+            slots, images = self.connector.prepare_tokens(inputs, vision)  # vision-stage strategies prune inside
             self._sync()
             t1 = time.perf_counter()
             for strategy in self.strategies:
                 if strategy.stage is Stage.PRE_LLM:
                     if strategy.token_space == "llm":
                         images = self.connector.project_images(images)
-                    images = strategy.reduce(images)
+                    try:
+                        images = strategy.reduce(images)
+                    except ProbeUnavailableError as e:
+                        raise ProbeUnavailableError(
+                            f"{strategy.name} cannot follow a vision-stage reduction: {e}") from None
             model_kwargs = self.connector.assemble(inputs, slots, images, self.positions)
             self._sync()
         t2 = time.perf_counter()
@@ -162,8 +168,10 @@ class VLMWrapper:
             projected = sum(img.record.projected_tokens for _, img in mine)
             vanilla += prefill_flops(self.config, image_tokens=encoder, projected_tokens=full,
                                      tokens_per_layer=text + full)
+            layer_tokens = [self.connector.encoder_layer_tokens(s, img.record) for s, img in mine]
             row_flops = prefill_flops(self.config, image_tokens=encoder, projected_tokens=projected,
-                                      tokens_per_layer=text + kept)
+                                      tokens_per_layer=text + kept,
+                                      vision_layer_tokens=None if None in layer_tokens else layer_tokens)
             stats.per_sample_flops.append(row_flops.total)
             reduced += row_flops
         stats.flops, stats.flops_vanilla = reduced.to_dict(), vanilla.to_dict()
