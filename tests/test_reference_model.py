@@ -60,8 +60,6 @@ def test_answers_are_single_yes_or_no(held_out_answers):
         [r["answer"] for r in held_out_answers]
 
 
-@pytest.mark.xfail(reason="the shipped reference model is under-trained: the issue-3 quality bar is not reached "
-                          "yet (README, 'The reference model'); training continues with --init-from", strict=False)
 def test_answers_held_out_questions_correctly(held_out_answers):
     from vlmeff.eval.parsers import parse_official
 
