@@ -55,6 +55,24 @@ def greedy(fn, inputs, n=5):
     return fn(**inputs, max_new_tokens=n, do_sample=False)
 
 
+def generate_recording_lengths(model, processor, spec, inputs, n=4):
+    """Greedy-generate n tokens through vlmeff.wrap(spec), recording the LLM's input length at every call.
+
+    Returns (output ids, the (unwrapped) wrapper with its records and stats, lengths, visual placeholders in inputs).
+    """
+    import vlmeff
+
+    vm = vlmeff.wrap(model, processor, spec)
+    seen, handle = llm_input_lengths(model)
+    try:
+        out = greedy(vm.generate, inputs, n=n)
+    finally:
+        handle.remove()
+        vm.unwrap()
+    num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    return out, vm, seen, num_visual
+
+
 def llm_input_lengths(model):
     """Record the sequence length of every language-model call; returns (lengths list, hook handle)."""
     seen = []

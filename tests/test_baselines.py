@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vlmeff
-from conftest import greedy, llm_input_lengths, make_image, make_inputs
+from conftest import generate_recording_lengths, greedy, make_image, make_inputs
 from vlmeff.connectors.base import VisionProbe
 from vlmeff.pruners.pool import Pool
 from vlmeff.pruners.random import RandomPruner
@@ -301,14 +301,7 @@ def test_batch_equals_one_by_one(loaded, kind, spec):
 def test_generate_shrinks_the_llm_input(loaded, kind, spec, kept):
     model, processor = loaded(kind)
     inputs = make_inputs(processor, PROMPTS[:1], [[make_image(3)]])
-    vm = vlmeff.wrap(model, processor, spec)
-    seen, handle = llm_input_lengths(model)
-    try:
-        out = greedy(vm.generate, inputs, n=4)
-    finally:
-        handle.remove()
-        vm.unwrap()
-    num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    out, vm, seen, num_visual = generate_recording_lengths(model, processor, spec, inputs)
     k = vm.last_record[0].num_kept
     if kept is None:  # pooled grid size depends on the Qwen grid: at most the budget
         assert 1 <= k <= 4

@@ -11,7 +11,7 @@ from transformers import LlavaForConditionalGeneration
 
 import vlmeff
 import vlmeff.pruners.flowcut  # noqa: F401  (registers "flowcut")
-from conftest import greedy, llm_input_lengths, make_image, make_inputs
+from conftest import generate_recording_lengths, greedy, make_image, make_inputs
 from vlmeff.connectors.llava import LlavaConnector
 from vlmeff.strategy import NotApplicableError, ProbeUnavailableError
 
@@ -168,14 +168,7 @@ def test_without_vision_strategies_the_stock_tower_call_is_used(loaded, monkeypa
 def test_llm_input_shrinks_to_text_plus_target_and_generate_works(loaded):
     model, processor = loaded("llava-clip")
     inputs = make_inputs(processor, PROMPTS[:1], [[make_image(9)]])
-    vm = vlmeff.wrap(model, processor, "flowcut:keep=9")
-    seen, handle = llm_input_lengths(model)
-    try:
-        out = greedy(vm.generate, inputs, n=4)
-    finally:
-        handle.remove()
-        vm.unwrap()
-    num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    out, vm, seen, num_visual = generate_recording_lengths(model, processor, "flowcut:keep=9", inputs)
     assert vm.last_record[0].num_kept == 9 and vm.last_record[0].strategies == ["flowcut"]
     assert seen[0] == inputs["input_ids"].shape[1] - num_visual + 9
     assert all(n == 1 for n in seen[1:])

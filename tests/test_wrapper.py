@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlmeff
-from conftest import greedy, llm_input_lengths, make_image, make_inputs
+from conftest import generate_recording_lengths, greedy, make_image, make_inputs
 
 PROMPTS = ["What is in the image?", "Is there a dog in the image? Answer yes or no.", "Describe the picture."]
 PRUNE = {"llava-clip": "fastervlm:keep=9", "llava-dinov2": "fastervlm:keep=9",
@@ -33,14 +33,7 @@ def test_keep_everything_is_exactly_the_unwrapped_model(loaded, kind, spec):
 def test_llm_input_really_shrinks_and_generate_works(loaded, kind):
     model, processor = loaded(kind)
     inputs = make_inputs(processor, PROMPTS[:1], [[make_image(3)]])
-    vm = vlmeff.wrap(model, processor, PRUNE[kind])
-    seen, handle = llm_input_lengths(model)
-    try:
-        out = greedy(vm.generate, inputs, n=4)
-    finally:
-        handle.remove()
-        vm.unwrap()
-    num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    out, vm, seen, num_visual = generate_recording_lengths(model, processor, PRUNE[kind], inputs)
     k = vm.last_record[0].num_kept
     assert k == (9 if kind.startswith("llava") else 7)
     assert seen[0] == inputs["input_ids"].shape[1] - num_visual + k  # s + k + text tokens
