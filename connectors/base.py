@@ -172,9 +172,10 @@ class Connector:
         raise NotImplementedError
 
     def encode_reduced(self, inputs: dict[str, Any], strategies: list[TokenReducer]
-                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[int, int]]:
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict[int, int]]]:
         """Run the vision encoder with vision-stage strategies pruning inside it: per-image features [V'_i, D],
-        their original grid indices [V'_i] (ascending) and the patch count after each block {block: count}."""
+        their original grid indices [V'_i] (ascending) and, per image, the token count after each block
+        {block: count} (in the units of the grid the indices refer to)."""
         names = ", ".join(s.name for s in strategies)
         raise NotApplicableError(f"{names}: the {self.name} connector cannot run strategies inside its vision encoder")
 
@@ -219,7 +220,7 @@ class Connector:
         """Encode the images into per-image tokens. With vision-stage strategies the encoder prunes inside itself
         (`encode_reduced`): each image's index then holds the original grid indices of the tokens that survived."""
         slots = self.slots(inputs)
-        per_layer: dict[int, int] = {}
+        per_layer: list[dict[int, int]] = [{} for _ in slots]
         if vision_strategies:
             features, indices, per_layer = self.encode_reduced(inputs, vision_strategies)
             probe: VisionProbe = ReducedVisionProbe(", ".join(s.name for s in vision_strategies))
@@ -234,7 +235,7 @@ class Connector:
             if not vision_strategies and feats.shape[0] != slot.length:
                 raise ValueError(f"image {i}: encoder gave {feats.shape[0]} tokens, prompt has {slot.length}")
             record = SelectionRecord(sample=slot.sample, image=i, grid=slot.grid, num_tokens=slot.length,
-                                     kept_indices=index, per_layer_kept=dict(per_layer),
+                                     kept_indices=index, per_layer_kept=dict(per_layer[i]),
                                      strategies=[s.name for s in vision_strategies or []])
             images.append(ImageTokens(features=feats, index=index, probe=probe, image=i, record=record))
         return slots, images

@@ -102,7 +102,7 @@ class LlavaConnector(Connector):
         return list(features), LlavaProbe(self, out.hidden_states)
 
     def encode_reduced(self, inputs: dict[str, Any], strategies: list[TokenReducer]
-                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[int, int]]:
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict[int, int]]]:
         """The tower's blocks in an explicit loop (embeddings, then blocks 0..feature_layer; later blocks are not
         needed), calling each vision-stage strategy after every block and gathering the positions it keeps.
 
@@ -122,7 +122,8 @@ class LlavaConnector(Connector):
         num_images, num_tokens, _ = hidden.shape
         # position of each current token in the ORIGINAL sequence ([CLS] = 0, patch j = j + 1)
         positions = torch.arange(num_tokens, device=hidden.device).expand(num_images, -1)  # [I, T]
-        context = {"feature_layer": self.feature_layer, "num_patches": num_tokens - 1,
+        context = {"feature_layer": self.feature_layer, "final_block": self.feature_layer - 1,
+                   "num_patches": num_tokens - 1,
                    "attention_inputs": self.vit.attention_inputs}
         states = [dict(context) for _ in strategies]
         per_layer: dict[int, int] = {}
@@ -137,7 +138,7 @@ class LlavaConnector(Connector):
                     hidden_in = gather_tokens(hidden_in, keep)
             per_layer[block] = hidden.shape[1] - 1
         features = hidden[:, 1:]  # [I, V', D_vis] feature layer, [CLS] dropped
-        return list(features), list(positions[:, 1:] - 1), per_layer
+        return list(features), list(positions[:, 1:] - 1), [dict(per_layer) for _ in range(num_images)]
 
     def project(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         projector = self.model.model.multi_modal_projector

@@ -13,10 +13,12 @@ from typing import Any
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
-from transformers.vision_utils import get_vision_window_index
+from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
-from vlmeff.connectors.base import Connector, VisionProbe
+from vlmeff.connectors.base import Connector, ImageSlot, VisionProbe
+from vlmeff.kernels import gather_tokens
 from vlmeff.registry import register_connector
+from vlmeff.strategy import NotApplicableError, SelectionRecord, TokenReducer
 
 
 class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
@@ -52,22 +54,13 @@ class QwenProbe(VisionProbe):
     def _compute_global(self) -> list[torch.Tensor]:
         visual = self.connector.model.model.visual
         block = visual.blocks[-1]
-        hidden = self.block_input["hidden_states"]  # [N_patches, C] (window-permuted on Qwen2.5)
-        cos, sin = self.block_input["position_embeddings"]
-        attn = block.attn
-        n = hidden.shape[0]
-        q, k, _ = attn.qkv(block.norm1(hidden)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-        q = q.float() * cos + _rotate_half(q.float()) * sin  # [N, H, hd], RoPE as in the block
-        k = k.float() * cos + _rotate_half(k.float()) * sin
+        q, k, _ = block_qkv(block, self.block_input["hidden_states"], self.block_input["position_embeddings"])
         unit = visual.spatial_merge_size**2
         sizes = self.grid_thw.prod(-1).tolist()
         group_scores = []
         for qi, ki in zip(q.split(sizes), k.split(sizes)):
-            q_global = qi.mean(0)  # [H, hd]: FlowCut's global token = mean query over the image's patches
-            att = torch.softmax(torch.einsum("hd,nhd->hn", q_global, ki) * attn.scaling, dim=-1).mean(0)  # [n]
-            group_scores.append(att.view(-1, unit).mean(-1))  # one score per 2x2 merge group
-        scores = torch.cat(group_scores)
+            group_scores.append(global_query_attention(qi, ki, block.attn.scaling).view(-1, unit).mean(-1))
+        scores = torch.cat(group_scores)  # one score per 2x2 merge group
         if self.connector.windowed:  # Qwen2.5 permutes groups into windows: map back to raster order
             window_index, _ = get_vision_window_index(
                 self.grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
@@ -75,6 +68,46 @@ class QwenProbe(VisionProbe):
             )
             scores = scores[torch.argsort(window_index.to(scores.device))]
         return list(scores.split([s // unit for s in sizes]))
+
+
+def block_qkv(block: torch.nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k (rotary applied, as inside the block) and v of one Qwen vision block from its input, in float32.
+
+    hidden: [N, C] packed patches of all images (the block's input) -> three [N, H, hd] tensors.
+    """
+    attn = block.attn
+    n = hidden.shape[0]
+    q, k, v = attn.qkv(block.norm1(hidden)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    q = q.float() * cos + _rotate_half(q.float()) * sin
+    k = k.float() * cos + _rotate_half(k.float()) * sin
+    return q, k, v.float()
+
+
+def global_query_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """FlowCut's "global token" row: softmax attention of the mean query of one image's patches over its patches.
+
+    q, k: [n, H, hd] (one image) -> [n], mean over heads.
+    """
+    q_global = q.mean(0)  # [H, hd]
+    return torch.softmax(torch.einsum("hd,nhd->hn", q_global, k) * scale, dim=-1).mean(0)
+
+
+def _group_rows(x: torch.Tensor, groups: torch.Tensor, unit: int) -> torch.Tensor:
+    """Rows of x [G * unit, ...] taken group by group in the order of `groups` [G'] -> [G' * unit, ...]."""
+    return x.reshape(-1, unit, *x.shape[1:])[groups].reshape(-1, *x.shape[1:])
+
+
+def _segments(segment_of: torch.Tensor, unit: int) -> torch.Tensor:
+    """cu_seqlens [S + 1] (int32) of the attention segments of consecutive groups with the same id [G]."""
+    change = torch.ones_like(segment_of, dtype=torch.bool)
+    change[1:] = segment_of[1:] != segment_of[:-1]
+    starts = change.nonzero().squeeze(1)
+    ends = torch.cat([starts[1:], starts.new_tensor([segment_of.numel()])])
+    lengths = (ends - starts) * unit
+    return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -128,6 +161,100 @@ class Qwen2VLConnector(Connector):
         finally:
             handle.remove()
         return list(out.pooler_output), QwenProbe(self, captured, grid_thw)
+
+    def encode_reduced(self, inputs: dict[str, Any], strategies: list[TokenReducer]
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict[int, int]]]:
+        """The vision tower's blocks in an explicit loop, vision-stage strategies pruning whole 2x2 merge groups.
+
+        Same computation as `Qwen2VisionTransformerPretrainedModel.forward` (and Qwen2.5's, with its window
+        permutation): patch embedding, rotary embeddings, blocks with attention per image (Qwen2.5: per window in
+        the windowed blocks), PatchMerger. After each block every strategy may return, per image, the current merge
+        groups to keep; their 4 patch rows, rotary rows and the attention segment lengths are gathered/recomputed.
+        Strategies get in `state`: "final_block" (depth - 1: the merger reads its output), "num_groups" (per image,
+        before any reduction), "group_size" (4) and "image_qkv" ((block, block input) -> per image (q, k, v), each
+        [n_i, H, hd] float32 over its current patches, rotary applied; q / k are scaled by `scale` in "scale").
+        Returns per image the merged tokens [V'_i, D_llm] in raster order, their grid indices [V'_i] and the group
+        count after each block.
+        """
+        names = ", ".join(s.name for s in strategies)
+        grid_thw = inputs["image_grid_thw"]
+        if (grid_thw[:, 0] != 1).any():
+            raise NotApplicableError(f"{names}: pruning inside the Qwen vision encoder supports still images "
+                                     "(grid t = 1) only")
+        visual = self.model.model.visual
+        unit = visual.spatial_merge_size**2
+        groups = (grid_thw.prod(-1) // unit).tolist()  # merge groups (LLM tokens) per image
+        num_images = len(groups)
+        hidden = visual.patch_embed(inputs["pixel_values"].type(visual.dtype))  # [P, C]
+        device = hidden.device
+        cos, sin = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid_thw, visual.spatial_merge_size))
+        image_of = torch.repeat_interleave(torch.arange(num_images, device=device),
+                                           torch.tensor(groups, device=device))  # [G] image of each group
+        offsets = torch.tensor([0] + groups[:-1], device=device).cumsum(0)
+        raster = torch.arange(sum(groups), device=device)  # raster group index (within the batch) of each group
+        window_of = None
+        if self.windowed:  # Qwen2.5: groups in window order; window id of each group for the windowed blocks
+            window_index, cu_windows = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                                               window_size=visual.window_size,
+                                                               patch_size=visual.patch_size)
+            window_index = window_index.to(device)
+            window_sizes = (cu_windows[1:] - cu_windows[:-1]).to(device) // unit
+            window_of = torch.repeat_interleave(torch.arange(window_sizes.numel(), device=device), window_sizes)
+            raster = window_index
+            hidden = _group_rows(hidden, window_index, unit)
+            cos, sin = _group_rows(cos, window_index, unit), _group_rows(sin, window_index, unit)
+            image_of = image_of[window_index]
+        full_blocks = set(getattr(visual, "fullatt_block_indexes", range(len(visual.blocks))))
+
+        def image_qkv(block, block_input):
+            q, k, v = block_qkv(block, block_input, (cos, sin))
+            sizes = (torch.bincount(image_of, minlength=num_images) * unit).tolist()
+            return list(zip(q.split(sizes), k.split(sizes), v.split(sizes)))
+
+        context = {"final_block": len(visual.blocks) - 1, "num_groups": groups, "group_size": unit,
+                   "image_qkv": image_qkv, "scale": visual.blocks[0].attn.scaling}
+        states = [dict(context) for _ in strategies]
+        per_layer: list[dict[int, int]] = [{} for _ in range(num_images)]
+        for index, block in enumerate(visual.blocks):
+            segment_of = image_of if window_of is None or index in full_blocks else window_of
+            cu_seqlens = _segments(segment_of, unit)
+            block_input = hidden
+            hidden = block(block_input, cu_seqlens=cu_seqlens, max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+                           position_embeddings=(cos, sin))
+            for strategy, state in zip(strategies, states):
+                keep = strategy.prune_layer(index, block, block_input, hidden, state)
+                if keep is None:  # per image: current group positions to keep (ascending), or None
+                    continue
+                counts = torch.bincount(image_of, minlength=num_images)
+                starts = (counts.cumsum(0) - counts).tolist()  # first current group of each image
+                kept = torch.cat([k.to(device) + start for k, start in zip(keep, starts)])  # [G'] groups
+                rows = (kept[:, None] * unit + torch.arange(unit, device=device)).flatten()  # [G' * unit] patches
+                hidden = gather_tokens(hidden[None], rows[None])[0]
+                block_input = gather_tokens(block_input[None], rows[None])[0]
+                cos, sin = cos[rows], sin[rows]
+                image_of, raster = image_of[kept], raster[kept]
+                window_of = None if window_of is None else window_of[kept]
+            counts = torch.bincount(image_of, minlength=num_images).tolist()
+            for i in range(num_images):
+                per_layer[i][index] = counts[i]
+        merged = visual.merger(hidden)  # [G', D_llm] in the current (window) order
+        features, indices = [], []
+        for i in range(num_images):
+            mine = (image_of == i).nonzero().squeeze(1)
+            order = mine[torch.argsort(raster[mine])]  # raster order within the image
+            features.append(merged[order])
+            indices.append(raster[order] - offsets[i])
+        return features, indices, per_layer
+
+    def encoder_layer_tokens(self, slot: ImageSlot, record: SelectionRecord) -> list[int] | None:
+        """Patches entering each vision block (the full grid, then 4 x the groups kept after each block), then the
+        PatchMerger's input (4 x the groups the last block kept)."""
+        if not record.per_layer_kept:
+            return None
+        t, h, w = self.encoder_tokens(slot)
+        unit = self.config.vision_config.spatial_merge_size**2
+        last = max(record.per_layer_kept)
+        return [t * h * w] + [record.per_layer_kept[b] * unit for b in range(last + 1)]
 
     def project(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         return features  # the PatchMerger already projected into the LLM space

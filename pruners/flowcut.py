@@ -9,6 +9,19 @@ After each encoder block l (0-based), while more than T patches remain, from the
 rpl = (feature_layer - 1) - l; only when rpl >= 0 is even: r_H = entropy(rel) / log N,
 P = round((N - T) / sqrt(rpl) * (1 - r_H^2)) (rpl = 0: P = N - T), P = max over the batch, keep max(N - P, T)
 patches by top-k of S (ties by lower index, raster order), [CLS] always kept. The feature layer has T patches.
+
+Qwen2-VL / Qwen2.5-VL (no [CLS]; the reference's FlowCut_Qwen): after each vision block l, per image, from the
+block's input (q, k with the block's rotary embedding, v):
+  rel  = softmax of the "global token" query (mean of q over the image's patches) over the image's patches,
+         scaled by 1/sqrt(hd), mean over heads;  dens = L1 norm of the head-averaged v;  S_cur = rel * dens
+         (no semantic term, as in the reference).
+rpl = (depth - 1) - l (the last block prunes straight to the target, the PatchMerger then runs). Deviations from
+the reference code, stated: it scores and drops single patches of the whole packed batch before the 2x2 PatchMerger
+(breaking merge groups and the M-RoPE ids of what remains) and computes one global token over all images; vlmeff
+scores per image, per 2x2 merge group (S and rel of a group: mean and sum of its 4 patches; r_H over the group
+distribution, log N with N groups), prunes whole groups, gathers their rotary rows and attention segments (Qwen2.5:
+windows), and the LLM receives the M-RoPE ids of the kept groups. Counts are per image (no batch max: the packed
+encoder needs no rectangle), so batched results equal per-image ones. Budget T is in LLM tokens (merge groups).
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ from typing import Any
 
 import torch
 
+from vlmeff.connectors.qwen2_vl import global_query_attention
 from vlmeff.registry import register_strategy
 from vlmeff.strategy import Budget, NotApplicableError, Stage, TokenReducer, topk_sorted
 
@@ -50,8 +64,10 @@ def flowcut_scores(q_cls: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
 class FlowCut(TokenReducer, Budget):
     """Prune patches progressively inside the vision encoder so that the feature layer holds keep (or ratio * V).
 
-    Batch: the prune count P of a block is the maximum over the images of the batch (so every image keeps the
-    same count and the batch stays rectangular); an image's result can therefore depend on its batch mates.
+    Batch (LLaVA towers): the prune count P of a block is the maximum over the images of the batch (so every image
+    keeps the same count and the batch stays rectangular); an image's result can therefore depend on its batch
+    mates. Qwen2-VL / Qwen2.5-VL: the global-token score pruned by 2x2 merge groups, counts per image (module
+    docstring); `semantic_scale` does not apply there (the Qwen score has no semantic term).
     """
 
     name = "flowcut"
@@ -67,18 +83,17 @@ class FlowCut(TokenReducer, Budget):
 
     def check_applicable(self, connector) -> None:
         if connector.name.startswith("qwen"):
-            raise NotApplicableError(
-                "FlowCut's Qwen2-VL variant is not implemented yet; alternatives: fastervlm:scorer=global_query, "
-                "random, pool"
-            )
+            return  # the global-token variant
         if not connector.has_cls:
             raise NotApplicableError(f"flowcut needs a [CLS] token; the {connector.name} vision tower has none")
 
     def prune_layer(self, layer_index: int, layer: torch.nn.Module, hidden_in: torch.Tensor,
-                    hidden_out: torch.Tensor, state: dict[str, Any]) -> torch.Tensor | None:
+                    hidden_out: torch.Tensor, state: dict[str, Any]) -> torch.Tensor | list[torch.Tensor] | None:
+        if "image_qkv" in state:  # Qwen: packed patches, merge groups, global token
+            return self._prune_groups(layer_index, layer, hidden_in, state)
         target = self.kept_count(state["num_patches"])  # T
         num_patches = hidden_out.shape[1] - 1  # N
-        remaining = (state["feature_layer"] - 1) - layer_index  # rpl
+        remaining = state["final_block"] - layer_index  # rpl
         if num_patches <= target or remaining < 0:
             return None
         q_cls, keys, values, heads, scale = state["attention_inputs"](layer, hidden_in)
@@ -90,10 +105,7 @@ class FlowCut(TokenReducer, Budget):
         if remaining == 0:
             prune = num_patches - target
         else:
-            entropy = -(rel * torch.log(rel + 1e-7)).sum(-1)  # [I]
-            ratio = entropy / math.log(num_patches)
-            per_image = torch.round((num_patches - target) / math.sqrt(remaining) * (1 - ratio**2))  # [I]
-            prune = max(int(per_image.max()), 0)  # batch: max over images
+            prune = max(int(adaptive_prune_count(rel, target, remaining).max()), 0)  # batch: max over images
         kept = max(num_patches - prune, target)
         if kept == num_patches:
             return None
@@ -101,3 +113,51 @@ class FlowCut(TokenReducer, Budget):
         state["score"] = score.gather(1, patches)
         cls = torch.zeros_like(patches[:, :1])
         return torch.cat([cls, patches + 1], dim=1)  # [I, kept + 1] token positions, [CLS] first
+
+    def _prune_groups(self, layer_index: int, layer: torch.nn.Module, hidden_in: torch.Tensor,
+                      state: dict[str, Any]) -> list[torch.Tensor] | None:
+        """Qwen vision block: per image, the current merge groups to keep (ascending), or None for no change."""
+        unit, remaining = state["group_size"], state["final_block"] - layer_index
+        targets = [self.kept_count(g) for g in state["num_groups"]]
+        per_image = state["image_qkv"](layer, hidden_in)  # per image (q, k, v): [n_i, H, hd]
+        if remaining < 0 or all(q.shape[0] // unit <= t for (q, _, _), t in zip(per_image, targets)):
+            return None
+        scores = state.setdefault("score", [None] * len(per_image))
+        keep, changed = [], False
+        for i, ((q, k, v), target) in enumerate(zip(per_image, targets)):
+            groups = q.shape[0] // unit
+            keep.append(torch.arange(groups, device=q.device))
+            if groups <= target:
+                continue
+            current, rel = global_token_scores(q, k, v, state["scale"], unit)  # [N] per group
+            scores[i] = current if scores[i] is None else 0.5 * scores[i] + 0.5 * current
+            if remaining % 2:
+                continue
+            prune = groups - target if remaining == 0 else max(int(adaptive_prune_count(rel[None], target,
+                                                                                          remaining)[0]), 0)
+            kept = max(groups - prune, target)
+            if kept < groups:
+                keep[i] = topk_sorted(scores[i], kept)
+                scores[i] = scores[i][keep[i]]
+                changed = True
+        return keep if changed else None
+
+
+def global_token_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, unit: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlowCut's Qwen score of one image's merge groups, in float32.
+
+    q, k, v: [n, H, hd] (n = unit x groups, group-major) -> (S_cur [n / unit] = mean over the group of rel * dens,
+    rel [n / unit] = the global token's attention summed over the group; sums to 1).
+    """
+    rel = global_query_attention(q, k, scale)  # [n]
+    dens = v.float().mean(1).abs().sum(-1)  # [n]: L1 of the head-averaged value vector
+    return (rel * dens).view(-1, unit).mean(-1), rel.view(-1, unit).sum(-1)
+
+
+def adaptive_prune_count(rel: torch.Tensor, target: int, remaining: int) -> torch.Tensor:
+    """P = round((N - T) / sqrt(rpl) * (1 - (H(rel) / log N)^2)) per row. rel: [I, N] (rows sum to 1) -> [I]."""
+    num = rel.shape[-1]
+    entropy = -(rel * torch.log(rel + 1e-7)).sum(-1)  # [I]
+    ratio = entropy / math.log(num)
+    return torch.round((num - target) / math.sqrt(remaining) * (1 - ratio**2))

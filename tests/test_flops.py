@@ -325,3 +325,37 @@ def test_flowcut_stats_count_the_pruned_encoder(loaded):
     record = vm.last_record[0]
     assert record.num_kept == 8 and record.per_layer_kept
     assert vm.stats.flops["vision"] < vm.stats.flops_vanilla["vision"]
+
+
+def test_qwen_flowcut_vision_flops_match_flop_counter_on_the_pruned_encoder(loaded):
+    """Qwen2-VL (full attention per image): the per-block formula equals FlopCounterMode on the pruned loop."""
+    import copy
+
+    from transformers import Qwen2VLForConditionalGeneration
+
+    import vlmeff
+    from conftest import make_image, make_inputs
+    from vlmeff.flops import vision_flops
+
+    model, processor = loaded("qwen2-vl")
+    config = copy.deepcopy(model.config)
+    config.vision_config.depth = 5
+    deep = Qwen2VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for block in deep.model.visual.blocks:
+            block.attn.qkv.weight[: 2 * block.attn.qkv.in_features].mul_(30.0)
+            block.attn.qkv.bias[: block.attn.qkv.in_features].add_(1.5)
+    inputs = make_inputs(processor, ["What is it?"], [[make_image(3)]])
+    with vlmeff.wrap(deep, processor, "flowcut:keep=4") as vm:
+        flowcut = vm.strategies[0]
+        decisions = {}  # block -> what FlowCut kept; replayed below without its scoring FLOPs
+        score_and_prune = flowcut.prune_layer
+        flowcut.prune_layer = lambda i, *a: decisions.setdefault(i, score_and_prune(i, *a))
+        vm.prepare(**inputs)
+        flowcut.prune_layer = lambda i, *a: decisions[i]
+        counted = count(lambda: vm.connector.encode_reduced(inputs, vm.strategies))
+        record, slot = vm.last_record[0], vm.connector.slots(inputs)[0]
+        per_block = vm.connector.encoder_layer_tokens(slot, record)
+    assert len(set(per_block)) > 2  # pruned progressively
+    assert vision_flops(deep.config, [vm.connector.encoder_tokens(slot)], layer_tokens=[per_block]) == counted
+    assert vm.stats.flops["vision"] == counted

@@ -13,7 +13,7 @@ import vlmeff
 import vlmeff.pruners.flowcut  # noqa: F401  (registers "flowcut")
 from conftest import generate_recording_lengths, greedy, make_image, make_inputs
 from vlmeff.connectors.llava import LlavaConnector
-from vlmeff.strategy import NotApplicableError, ProbeUnavailableError
+from vlmeff.strategy import ProbeUnavailableError
 
 PROMPTS = ["What is in the image?", "Is there a dog in the image? Answer yes or no.", "Describe the picture."]
 
@@ -190,19 +190,3 @@ def test_probe_strategies_cannot_follow_a_vision_stage_reduction(loaded):
     with vlmeff.wrap(model, processor, "flowcut:keep=20+fastervlm:keep=9") as vm:
         with pytest.raises(ProbeUnavailableError, match="fastervlm cannot follow a vision-stage reduction"):
             vm.prepare(**inputs)
-
-
-@pytest.mark.parametrize("kind", ["qwen2-vl", "qwen2.5-vl"])
-def test_qwen_raises_with_alternatives(loaded, kind):
-    model, processor = loaded(kind)
-    with pytest.raises(NotApplicableError, match="Qwen2-VL variant is not implemented yet.*global_query"):
-        vlmeff.wrap(model, processor, "flowcut:keep=4")
-
-
-def test_budget_validation():
-    from vlmeff.strategy import StrategyError
-
-    with pytest.raises(StrategyError, match="exactly one of keep"):
-        vlmeff.pruners.flowcut.FlowCut()
-    with pytest.raises(StrategyError, match="ratio"):
-        vlmeff.pruners.flowcut.FlowCut(ratio=1.5)

@@ -257,7 +257,8 @@ def _qwen_window_blocks(vc: Any, grid: tuple[int, int, int]) -> list[int]:
     return [r * c * merge * merge for _ in range(t) for r in rows for c in cols]
 
 
-def _qwen_flops(vc: Any, items: list[tuple[int, tuple[int, int, int] | None]]) -> int:
+def _qwen_flops(vc: Any, items: list[tuple[int, tuple[int, int, int] | None]],
+                layer_tokens: Sequence[Sequence[int]] | None = None) -> int:
     """Qwen2-VL / Qwen2.5-VL vision: Conv3d patch embedding, ViT blocks with attention per frame (Qwen2.5:
     per window in the non-``fullatt_block_indexes`` layers), MLP (Qwen2-VL: 2 matrices of width
     ``embed_dim * mlp_ratio``; Qwen2.5-VL: gated, 3 matrices of ``intermediate_size``), PatchMerger."""
@@ -271,13 +272,21 @@ def _qwen_flops(vc: Any, items: list[tuple[int, tuple[int, int, int] | None]]) -
     merge_unit = int(vc.spatial_merge_size) ** 2
     merged_width = dim * merge_unit
     total = 0
-    for n, grid in items:
+    for i, (n, grid) in enumerate(items):
         frames = [n] if grid is None else [grid[1] * grid[2]] * grid[0]
         windows = frames if (grid is None or not is_25) else _qwen_window_blocks(vc, grid)
         total += 2 * n * channels * tps * patch * patch * dim
-        for layer in range(depth):
-            total += _vit_mha_layer(n, dim, mlp, frames if layer in full_layers else windows)
-        total += 2 * (n // merge_unit) * (merged_width * merged_width + merged_width * out_dim)
+        # tokens entering each block, then the merger's input (what the last block kept)
+        per_block = [n] * (depth + 1) if layer_tokens is None else [int(m) for m in layer_tokens[i]]
+        if len(per_block) != depth + 1:
+            raise ValueError(f"layer_tokens[{i}] has {len(per_block)} entries; the Qwen tower needs {depth + 1} "
+                             "(tokens entering each block, then the merger's input)")
+        for layer, m in enumerate(per_block[:-1]):
+            # pruned inside the encoder (FlowCut): kept patches assumed spread over frames / windows in proportion
+            # to their sizes (exact for full-attention blocks of one frame, an estimate for windows)
+            blocks = [b * m // n for b in (frames if layer in full_layers else windows)]
+            total += _vit_mha_layer(m, dim, mlp, blocks)
+        total += 2 * (per_block[-1] // merge_unit) * (merged_width * merged_width + merged_width * out_dim)
     return total
 
 
@@ -297,9 +306,11 @@ def vision_flops(config: Any, image_tokens: Sequence[Any],
             exactly per window. A plain int is one frame with full attention in every layer, which
             over-counts the attention of Qwen2.5-VL's windowed layers (and of multi-frame videos).
 
-        layer_tokens: optional, LLaVA towers (CLIP-like, DINOv2): per image the sequence length entering each
-            encoder block that ran, for strategies that prune inside the encoder and stop at the feature block
-            (FlowCut); without it every block runs on the full sequence.
+        layer_tokens: optional, per image the sequence length entering each encoder block that ran, for strategies
+            that prune inside the encoder (FlowCut): LLaVA towers stop at the feature block; Qwen runs every block
+            (patches, 4 per merge group; one more entry, the merger's input = patches left after the last block; the attention
+            of windowed blocks assumes the kept patches spread over the windows in proportion to their sizes).
+            Without it every block runs on the full sequence.
 
     Returns:
         FLOPs (int): patch embedding (conv as a matmul, ``2 * patches * in_ch * p * p [* temporal_patch] * D``)
@@ -315,10 +326,10 @@ def vision_flops(config: Any, image_tokens: Sequence[Any],
         return _clip_like_flops(vc, [n for n, _ in items], layer_tokens)
     if kind in _DINOV2:
         return _dinov2_flops(vc, [n for n, _ in items], layer_tokens)
+    if kind in (_QWEN2_VL, _QWEN2_5_VL):
+        return _qwen_flops(vc, items, layer_tokens)
     if layer_tokens is not None:
         raise NotImplementedError(f"per-block vision tokens are not supported for {kind!r}")
-    if kind in (_QWEN2_VL, _QWEN2_5_VL):
-        return _qwen_flops(vc, items)
     raise NotImplementedError(f"vision FLOPs: unsupported vision tower model_type {kind!r}")
 
 
