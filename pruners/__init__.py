@@ -2,9 +2,10 @@
 
 from vlmeff.pruners.aim import AIM
 from vlmeff.pruners.fastervlm import FasterVLM
+from vlmeff.pruners.fastv import FastV
 from vlmeff.pruners.flowcut import FlowCut
 from vlmeff.pruners.pool import Pool
 from vlmeff.pruners.random import RandomPruner
 from vlmeff.pruners.visionzip import VisionZip
 
-__all__ = ["AIM", "FasterVLM", "FlowCut", "Pool", "RandomPruner", "VisionZip"]
+__all__ = ["AIM", "FasterVLM", "FastV", "FlowCut", "Pool", "RandomPruner", "VisionZip"]

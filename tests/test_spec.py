@@ -103,11 +103,19 @@ def test_composition_rules():
 
     @dataclass
     class Later(ScorePruner):
+        name = "test-attention"
+        stage = Stage.ATTENTION
+
+    with pytest.raises(StrategyError, match="stage 'attention' is not executed"):
+        build_pipeline([Later(keep=3)])
+
+    @dataclass
+    class NotLLM(ScorePruner):
         name = "test-inllm"
         stage = Stage.IN_LLM
 
-    with pytest.raises(StrategyError, match="stage 'in_llm' is not executed"):
-        build_pipeline([Later(keep=3)])
+    with pytest.raises(StrategyError, match="subclass vlmeff.LLMPruner"):
+        build_pipeline([NotLLM(keep=3)])
     with pytest.raises(StrategyError, match="different position modes"):
         build_pipeline([Pool(keep=4, positions="reindex"), parse_spec("fastervlm:keep=2,positions=preserve")[0]])
 

@@ -12,6 +12,7 @@ from vlmeff.spec import parse_spec
 from vlmeff.strategy import (
     Budget,
     ImageTokens,
+    LLMPruner,
     NotApplicableError,
     ScorePruner,
     SelectionRecord,
@@ -25,7 +26,7 @@ from vlmeff.wrapper import RunStats, VLMWrapper, wrap
 __version__ = "0.1.0"
 
 __all__ = [
-    "CONNECTORS", "STRATEGIES", "Budget", "ImageTokens", "NotApplicableError", "RunStats", "ScorePruner",
+    "CONNECTORS", "STRATEGIES", "Budget", "ImageTokens", "LLMPruner", "NotApplicableError", "RunStats", "ScorePruner",
     "SelectionRecord", "Stage", "Strategy", "StrategyError", "TokenReducer", "VLMWrapper", "load", "parse_spec",
     "register_connector", "register_strategy", "wrap",
 ]

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from vlmeff.registry import STRATEGIES
-from vlmeff.strategy import IMPLEMENTED_STAGES, Stage, Strategy, StrategyError, TokenReducer
+from vlmeff.strategy import IMPLEMENTED_STAGES, LLMPruner, Stage, Strategy, StrategyError, TokenReducer
 
 NO_STRATEGY = ("", "none", "vanilla")
 STAGE_ORDER = list(Stage)
@@ -102,6 +102,8 @@ def build_pipeline(strategies: list[Strategy]) -> list[Strategy]:
                 f"{s.name}: stage {s.stage.value!r} is not executed by this vlmeff release "
                 f"(executed: {', '.join(st.value for st in IMPLEMENTED_STAGES)})"
             )
+        if s.stage is Stage.IN_LLM and not isinstance(s, LLMPruner):
+            raise StrategyError(f"{s.name}: an in-LLM strategy must subclass vlmeff.LLMPruner (prune_layers / select)")
     ordered = sorted(strategies, key=lambda s: STAGE_ORDER.index(s.stage))
     for i, s in enumerate(ordered):
         s.check_after(ordered[:i])

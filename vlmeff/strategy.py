@@ -40,7 +40,7 @@ class Stage(str, enum.Enum):
 
 
 # Stages the wrapper executes in this release; a strategy of another stage is refused with a clear error.
-IMPLEMENTED_STAGES = (Stage.VISION, Stage.PRE_LLM)
+IMPLEMENTED_STAGES = (Stage.VISION, Stage.PRE_LLM, Stage.IN_LLM)
 POSITION_MODES = ("auto", "reindex", "preserve")
 
 
@@ -76,6 +76,8 @@ class SelectionRecord:
     per_layer_kept: dict[int, int] = field(default_factory=dict)
     strategies: list[str] = field(default_factory=list)
     projected_tokens: int = 0  # tokens that went through the projector (for FLOPs)
+    # in-LLM stage: {first decoder layer that runs without the removed tokens: grid cells still present from it on}
+    llm_kept: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_kept(self) -> int:
@@ -87,6 +89,7 @@ class SelectionRecord:
             "kept_indices": self.kept_indices.tolist(), "num_extra": self.num_extra,
             "merge_groups": self.merge_groups, "per_layer_kept": self.per_layer_kept,
             "strategies": self.strategies,
+            "llm_kept": {layer: cells.tolist() for layer, cells in self.llm_kept.items()},
         }
 
 
@@ -315,3 +318,39 @@ class ScorePruner(TokenReducer, Budget):
             img.record.strategies.append(self.name)
             out.append(img.keep(topk_sorted(self.score(img), k)))  # top-k, raster order
         return out
+
+
+@dataclass
+class LLMPruner(TokenReducer):
+    """Base of in-LLM strategies: during prefill, visual tokens are removed after some decoder layers.
+
+    The mechanics live in `vlmeff.llm_stage` (one place): a recording attention function registered with
+    transformers hands the strategy the attention inputs of the layers it reads (`observe_layers`), and after each
+    layer of `prune_layers` the strategy's `select` says which of each sample's current visual tokens stay; the
+    others are removed from the hidden states of all later layers (their KV caches hold only what is kept; earlier
+    layers keep theirs). Positions are always the original ones ("preserve"), in prefill and in every decode step.
+    """
+
+    stage = Stage.IN_LLM
+
+    def __post_init__(self):
+        TokenReducer.__post_init__(self)
+        if self.positions not in ("auto", "preserve"):
+            raise StrategyError(f"{self.name}.positions={self.positions!r}: in-LLM removal keeps the original "
+                                "positions; expected 'auto' or 'preserve'")
+
+    def observe_layers(self, num_layers: int) -> set[int]:
+        """Decoder layers (0-based) whose attention inputs `observe` receives during prefill."""
+        return set(self.prune_layers(num_layers))
+
+    def prune_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers (0-based) after which `select` is called; the next layer sees the reduced sequence."""
+        raise NotImplementedError
+
+    def observe(self, layer: int, attention: Any, view: Any, state: dict[str, Any]) -> None:
+        """Store what `select` will need from `attention` (`vlmeff.llm_stage.AttentionInputs`) in `state`."""
+
+    def select(self, layer: int, view: Any, state: dict[str, Any]) -> list[torch.Tensor | None]:
+        """Per sample, the positions (into `view.samples[b].visual`, ascending) of the visual tokens to keep after
+        `layer`, or None to keep all of that sample's visual tokens. `view`: `vlmeff.llm_stage.PrefillView`."""
+        raise NotImplementedError

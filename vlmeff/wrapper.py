@@ -21,6 +21,7 @@ import torch
 
 from vlmeff.connectors.base import Connector
 from vlmeff.flops import FlopsBreakdown, prefill_flops
+from vlmeff.llm_stage import LLMSession
 from vlmeff.registry import CONNECTORS
 from vlmeff.spec import build_pipeline, describe, parse_spec
 from vlmeff.strategy import ProbeUnavailableError, SelectionRecord, Stage, TokenReducer
@@ -34,13 +35,15 @@ class RunStats:
     """Numbers of the last call. Times in seconds; FLOPs of the prefill (see vlmeff.flops)."""
 
     visual_tokens_in: int = 0
-    visual_tokens_kept: int = 0
+    visual_tokens_kept: int = 0  # visual tokens entering the LLM
+    # layer-averaged visual tokens inside the LLM (= visual_tokens_kept without in-LLM removal), summed over the batch
+    equivalent_tokens: float = 0.0
     text_tokens: int = 0
     flops: dict[str, int] = field(default_factory=dict)
     flops_vanilla: dict[str, int] = field(default_factory=dict)
     per_sample_flops: list[int] = field(default_factory=list)  # total prefill FLOPs of each batch row
     encode_s: float = 0.0  # vision encoder
-    strategy_s: float = 0.0  # the strategies' own work (scores, selection, splice)
+    strategy_s: float = 0.0  # the strategies' own work (scores, selection, splice; in-LLM scoring and compaction)
     llm_prefill_s: float = 0.0  # first LLM forward over the prompt
     prefill_s: float = 0.0  # encode + strategies + LLM prefill (time to first token)
     total_s: float = 0.0
@@ -85,6 +88,7 @@ class VLMWrapper:
             model.model.language_model.register_forward_hook(self._on_llm_end),
         ]
         self._llm_calls = 0
+        self._session: LLMSession | None = None
 
     # --- context manager / unwrap ------------------------------------------------------------------------------
     def __enter__(self) -> VLMWrapper:
@@ -125,6 +129,7 @@ class VLMWrapper:
         """Model kwargs for the reduced batch (also fills `last_record` and the token/FLOP stats)."""
         self.stats = RunStats()
         self.last_record = []
+        self._session = None
         if inputs.get("pixel_values") is None:  # text only: nothing to reduce
             self.stats.text_tokens = int(_mask(inputs).sum())
             self._count(inputs, [], [])
@@ -150,10 +155,37 @@ class VLMWrapper:
         self.stats.encode_s, self.stats.strategy_s = t1 - t0, t2 - t1
         self.last_record = [img.finish_record() for img in images]
         self._count(inputs, slots, images)
+        self._slots, self._images = slots, images
+        self._session = self._llm_session(model_kwargs, images)
         return model_kwargs
 
-    def _count(self, inputs, slots, images) -> None:
+    def _llm_session(self, model_kwargs: dict[str, Any], images) -> LLMSession | None:
+        """The in-LLM removal session for this call, or None when no in-LLM strategy runs (or no image)."""
+        in_llm = [s for s in self.strategies if s.stage is Stage.IN_LLM]
+        if not in_llm or not images:
+            return None
+        ids = model_kwargs["input_ids"]
+        mask = model_kwargs.get("attention_mask")
+        return LLMSession(self.model, in_llm, ids, torch.ones_like(ids) if mask is None else mask,
+                          self.connector.image_token_id, images)
+
+    def _run_llm(self, fn, *args, **kwargs):
+        """Call the model (forward or generate) inside the in-LLM session when there is one; update the stats."""
+        session = self._session
+        if session is None:
+            return fn(*args, **kwargs)
+        with session:
+            out = fn(*args, **kwargs)
+        self.stats.strategy_s += session.strategy_s
+        self._count(self._inputs, self._slots, self._images, session.layer_lengths)
+        self.stats.equivalent_tokens = session.equivalent_tokens()
+        return out
+
+    def _count(self, inputs, slots, images, layer_lengths: list[list[int]] | None = None) -> None:
+        """Token and FLOP stats; `layer_lengths[b][l]`: real tokens entering LLM layer l of row b (in-LLM removal)."""
+        self._inputs = inputs
         stats = self.stats
+        stats.per_sample_flops = []
         stats.visual_tokens_in = sum(s.length for s in slots)
         stats.visual_tokens_kept = sum(img.features.shape[0] for img in images)
         stats.text_tokens = int(_mask(inputs).sum()) - stats.visual_tokens_in
@@ -170,11 +202,12 @@ class VLMWrapper:
                                      tokens_per_layer=text + full)
             layer_tokens = [self.connector.encoder_layer_tokens(s, img.record) for s, img in mine]
             row_flops = prefill_flops(self.config, image_tokens=encoder, projected_tokens=projected,
-                                      tokens_per_layer=text + kept,
+                                      tokens_per_layer=text + kept if layer_lengths is None else layer_lengths[row],
                                       vision_layer_tokens=None if None in layer_tokens else layer_tokens)
             stats.per_sample_flops.append(row_flops.total)
             reduced += row_flops
         stats.flops, stats.flops_vanilla = reduced.to_dict(), vanilla.to_dict()
+        stats.equivalent_tokens = float(stats.visual_tokens_kept)
 
     @property
     def config(self):
@@ -186,7 +219,7 @@ class VLMWrapper:
         extra = {k: v for k, v in inputs.items() if k not in INPUT_KEYS}
         self._llm_calls = 0
         with torch.no_grad():
-            return self.model(**model_kwargs, **extra)
+            return self._run_llm(self.model, **model_kwargs, **extra)
 
     forward = __call__
 
@@ -196,7 +229,7 @@ class VLMWrapper:
         t0 = time.perf_counter()
         model_kwargs = self.prepare(**inputs)
         self._llm_calls = 0
-        out = self.model.generate(**model_kwargs, **kwargs)
+        out = self._run_llm(self.model.generate, **model_kwargs, **kwargs)
         self._sync()
         stats = self.stats
         stats.total_s = time.perf_counter() - t0
