@@ -83,7 +83,10 @@ class AttentionInputs:
         if self.mask is None:
             return (torch.arange(num, device=rows.device)[None, :] <= rows[:, None])[None, None]
         mask = self.mask[:, :, rows] if self.mask.shape[2] > 1 else self.mask
-        return mask if mask.dtype == torch.bool else mask == 0
+        mask = mask if mask.dtype == torch.bool else mask == 0
+        # padding query rows attend to nothing in transformers' masks: let them see themselves (finite, never read)
+        diagonal = torch.arange(num, device=rows.device)[None, :] == rows[:, None]  # [R, S]
+        return mask | (diagonal & ~mask.any(-1, keepdim=True))
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         """[B, H, R, S] float32 scaled scores of the query rows `rows` over all keys, masked positions -inf."""
@@ -130,7 +133,7 @@ class PrefillView:
     samples: list[SampleTokens]
     grids: list[tuple[int, int, int]]  # (t, h, w) per batch image
     num_layers: int
-    length: int  # current (padded) sequence length
+    valid: torch.Tensor  # [B, S] bool, real (not padding) tokens of the current sequence
 
 
 @dataclass
@@ -221,7 +224,7 @@ class LLMSession:
             samples.append(SampleTokens(visual=visual, cells=self.cell[row, src[visual]],
                                         images=self.image[row, src[visual]], text_after=text_after,
                                         last=int(real.nonzero().max()), num_visual=int(self.is_visual[row].sum())))
-        return PrefillView(samples, self.grids, self.num_layers, source.shape[1])
+        return PrefillView(samples, self.grids, self.num_layers, valid)
 
     # --- install / remove ---------------------------------------------------------------------------------------
     def __enter__(self) -> LLMSession:
