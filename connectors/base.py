@@ -198,6 +198,11 @@ class Connector:
         """Model kwargs to keep when nothing was reduced (beyond input_ids / attention_mask)."""
         return {}
 
+    def frame_indices(self, inputs: dict[str, Any], slots: list[ImageSlot]) -> list[int | None]:
+        """Per slot: its frame index within a video the model reads natively (Qwen2-VL's temporal patches), or None
+        (a still image, or a frame the caller feeds as an image: the wrapper's `frames=` marks those)."""
+        return [None] * len(slots)
+
     # --- shared mechanics --------------------------------------------------------------------------------------
     def project_images(self, images: list[ImageTokens]) -> list[ImageTokens]:
         """Project the tokens of images not projected yet (batched by the connector's `project`)."""

@@ -4,6 +4,15 @@ Reduction space: the merged tokens after the PatchMerger (one LLM token per 2x2 
 removes whole merge groups. There is no [CLS] token. Position ids are always "preserve": the M-RoPE (t, h, w) ids
 of kept tokens are gathered from `get_rope_index` of the unpruned layout, text continues at the original ids, and
 `rope_deltas` is recomputed for the shorter sequence (METHODS.md, "Shared rules").
+
+Video (Qwen2-VL's own path): inputs with `pixel_values_videos` [sum_v t_v*H_v*W_v, C*tp*p*p] and `video_grid_thw`
+[V, 3] (patch grid; tp = temporal_patch_size = 2 input frames per temporal patch) fill the `<|video_pad|>`
+placeholders (`config.video_token_id`). Each temporal patch of a video is one reduction unit: one ImageTokens of
+grid (1, H/2, W/2) with `frame` = its temporal index f (input frames tp*f .. tp*f+tp-1), so every pre-LLM strategy
+reduces per frame. Encoding is the model's `get_video_features`; M-RoPE ids come from `get_rope_index` with the video
+grids (mm_token_type_ids == 2 marks video tokens), so kept video tokens keep their (t, h, w) ids. Images and videos
+may be mixed. `video_inputs` builds such inputs from PIL frames with the image processor (the video processor needs
+torchvision).
 """
 
 from __future__ import annotations
@@ -12,10 +21,11 @@ from typing import Any
 
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.processing_utils import ProcessorMixin
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
-from vlmeff.connectors.base import Connector, ImageSlot, VisionProbe
+from vlmeff.connectors.base import Connector, ImageSlot, VisionProbe, assign_slots, find_runs
 from vlmeff.kernels import gather_tokens
 from vlmeff.registry import register_connector
 from vlmeff.strategy import NotApplicableError, SelectionRecord, TokenReducer
@@ -115,6 +125,60 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class _ConcatProbe(VisionProbe):
+    """Probes of consecutive unit ranges (images, then video frames) seen as one: unit i goes to the part holding it."""
+
+    def __init__(self, parts: list[tuple[VisionProbe, int]]):
+        self.parts = parts  # (probe, number of units it covers)
+
+    def _route(self, image: int) -> tuple[VisionProbe, int]:
+        for probe, count in self.parts:
+            if image < count:
+                return probe, image
+            image -= count
+        raise IndexError(f"image {image}: beyond the {sum(c for _, c in self.parts)} encoded units")
+
+    def cls_attention(self, image: int) -> torch.Tensor:
+        probe, i = self._route(image)
+        return probe.cls_attention(i)
+
+    def keys(self, image: int, block: int | None = None) -> torch.Tensor:
+        probe, i = self._route(image)
+        return probe.keys(i, block)
+
+    def global_query_attention(self, image: int) -> torch.Tensor:
+        probe, i = self._route(image)
+        return probe.global_query_attention(i)
+
+
+def video_patches(image_processor, frames: list, temporal_patch_size: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-VL video inputs from PIL frames, with the image processor (resize, rescale, normalise per frame).
+
+    Returns pixel_values_videos [t*H*W, C*tp*p*p] and video_grid_thw [1, 3] = (t, H, W) in patches, t = ceil(T / tp):
+    the video processor's layout, in which patch vector [c, j, y, x] of temporal patch f holds frame tp*f + j (an odd
+    frame count is padded by repeating the last frame, as the video processor does). The image processor tiles each
+    frame tp times along j, so the frames' first copies are stacked in time.
+    """
+    if not frames:
+        raise ValueError("frames=[]: a video needs at least one frame")
+    tp = temporal_patch_size or image_processor.temporal_patch_size
+    out = image_processor(images=list(frames), return_tensors="pt")
+    grids = out["image_grid_thw"]  # [T, 3], each (1, H, W)
+    if (grids != grids[0]).any():
+        raise ValueError(f"video frames have different sizes (patch grids {sorted(set(map(tuple, grids.tolist())))}); "
+                         "all frames of a video must share one size")
+    _, h, w = grids[0].tolist()
+    num, dim = len(frames), out["pixel_values"].shape[-1]
+    channels = dim // (tp * image_processor.patch_size**2)
+    per_frame = out["pixel_values"].view(num, h * w, channels, tp, -1)[:, :, :, 0]  # [T, N, C, p*p]
+    if num % tp:
+        per_frame = torch.cat([per_frame, per_frame[-1:].expand(tp - num % tp, -1, -1, -1)])
+    t = per_frame.shape[0] // tp
+    stacked = per_frame.view(t, tp, h * w, channels, -1).permute(0, 2, 3, 1, 4)  # [t, N, C, tp, p*p]
+    return stacked.reshape(t * h * w, dim), torch.tensor([[t, h, w]])
+
+
 @register_connector
 class Qwen2VLConnector(Connector):
     name = "qwen2-vl"
@@ -156,11 +220,104 @@ class Qwen2VLConnector(Connector):
 
         handle = visual.blocks[-1].register_forward_pre_hook(capture, with_kwargs=True)
         try:
+            if inputs.get("pixel_values_videos") is not None:
+                return self._encode_with_videos(inputs, captured)
             grid_thw = inputs["image_grid_thw"]
             out = self.model.model.get_image_features(inputs["pixel_values"], grid_thw, return_dict=True)
         finally:
             handle.remove()
         return list(out.pooler_output), QwenProbe(self, captured, grid_thw)
+
+    # --- video ------------------------------------------------------------------------------------------------
+    @property
+    def video_token_id(self) -> int:
+        return self.config.video_token_id
+
+    def video_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int, int]]:
+        """(1, h, w) merged-token grid of every temporal patch of every video, in order (t per video)."""
+        if inputs.get("video_grid_thw") is None:
+            raise ValueError("Qwen2-VL video inputs need video_grid_thw (with pixel_values_videos)")
+        m = self.config.vision_config.spatial_merge_size
+        return [(1, h // m, w // m) for t, h, w in inputs["video_grid_thw"].tolist() for _ in range(t)]
+
+    def slots(self, inputs: dict[str, Any]) -> list[ImageSlot]:
+        """Image slots (images in order), then one slot per temporal patch of each video (videos in order)."""
+        slots = super().slots(inputs) if inputs.get("pixel_values") is not None else []
+        if inputs.get("pixel_values_videos") is not None:
+            runs = find_runs(inputs["input_ids"] == self.video_token_id)
+            slots += assign_slots(runs, self.video_grids(inputs))
+        return slots
+
+    def frame_indices(self, inputs: dict[str, Any], slots: list[ImageSlot]) -> list[int | None]:
+        images = len(slots) - sum(t for t, _, _ in self._video_thw(inputs))
+        return [None] * images + [f for t, _, _ in self._video_thw(inputs) for f in range(t)]
+
+    @staticmethod
+    def _video_thw(inputs: dict[str, Any]) -> list[list[int]]:
+        if inputs.get("pixel_values_videos") is None or inputs.get("video_grid_thw") is None:
+            return []
+        return inputs["video_grid_thw"].tolist()
+
+    def _encode_with_videos(self, inputs: dict[str, Any], captured: dict[str, Any]
+                            ) -> tuple[list[torch.Tensor], VisionProbe]:
+        """Images (if any) with get_image_features, videos with get_video_features: the model's own two calls, so
+        keep-everything is exact. Returns per unit (image, then temporal patch) tokens [h*w, D] and one probe."""
+        features: list[torch.Tensor] = []
+        parts: list[tuple[VisionProbe, int]] = []
+        if inputs.get("pixel_values") is not None:
+            grid_thw = inputs["image_grid_thw"]
+            out = self.model.model.get_image_features(inputs["pixel_values"], grid_thw, return_dict=True)
+            features += list(out.pooler_output)
+            parts.append((QwenProbe(self, dict(captured), grid_thw), len(out.pooler_output)))
+        grid_thw = inputs["video_grid_thw"]  # [V, 3]
+        out = self.model.model.get_video_features(inputs["pixel_values_videos"], grid_thw, return_dict=True)
+        unit = self.config.vision_config.spatial_merge_size**2
+        for video, (_, h, w) in zip(out.pooler_output, grid_thw.tolist()):  # video: [t*h*w/unit, D], t-major
+            features += list(video.split(h * w // unit))
+        # temporal patches attend only within themselves in the tower: one probe grid (1, h, w) per patch
+        per_frame = torch.repeat_interleave(torch.cat([torch.ones_like(grid_thw[:, :1]), grid_thw[:, 1:]], 1),
+                                            grid_thw[:, 0], dim=0)
+        parts.append((QwenProbe(self, dict(captured), per_frame), per_frame.shape[0]))
+        return features, (parts[0][0] if len(parts) == 1 else _ConcatProbe(parts))
+
+    def video_inputs(self, frames: list, prompt: str | list[str]) -> dict[str, Any]:
+        """Model inputs for one video given as PIL frames and a prompt holding one `<|video_pad|>` (the chat
+        template's video entry): the placeholder is expanded to the video's t*h*w/4 tokens; input_ids,
+        attention_mask, mm_token_type_ids (2 = video), pixel_values_videos, video_grid_thw."""
+        processor = self.processor
+        if processor is None:
+            raise ValueError("video_inputs needs the processor: vlmeff.wrap(model, processor, spec)")
+        video_token = getattr(processor, "video_token", None) or "<|video_pad|>"
+        prompt = prompt if isinstance(prompt, str) else prompt[0]
+        if prompt.count(video_token) != 1:
+            raise ValueError(f"the prompt must hold exactly one {video_token} (the chat template's "
+                             f"{{'type': 'video'}} entry); it holds {prompt.count(video_token)}: the processor's chat "
+                             "template may have no video entry")
+        pixel_values_videos, grid_thw = video_patches(processor.image_processor, frames)
+        num_tokens = int(grid_thw.prod()) // self.config.vision_config.spatial_merge_size**2
+        text = prompt.replace(video_token, video_token * num_tokens)
+        encoded = processor.tokenizer(text, return_tensors="pt")
+        ids = encoded["input_ids"]
+        types = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()
+        return {"input_ids": ids, "attention_mask": encoded["attention_mask"], "mm_token_type_ids": types,
+                "pixel_values_videos": pixel_values_videos, "video_grid_thw": grid_thw}
+
+    def assemble(self, inputs: dict[str, Any], slots: list[ImageSlot], images: list, positions: str
+                 ) -> dict[str, Any]:
+        out = super().assemble(inputs, slots, images, positions)
+        if inputs.get("pixel_values_videos") is None:
+            return out
+        # the model scatters images and videos separately (into image / video placeholders): split by modality
+        ids = inputs["input_ids"]
+        is_video = [int(ids[s.sample, s.start]) == self.video_token_id for s in slots]
+        embeds = [img.features for img in self.project_images(images)]
+        mm = {}
+        for key, flag in (("image", False), ("video", True)):
+            part = tuple(e for e, v in zip(embeds, is_video) if v == flag)
+            if part:
+                mm[key] = BaseModelOutputWithPooling(pooler_output=part)
+        out["mm_encoder_outputs"] = mm
+        return out
 
     def encode_reduced(self, inputs: dict[str, Any], strategies: list[TokenReducer]
                        ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict[int, int]]]:
@@ -177,6 +334,9 @@ class Qwen2VLConnector(Connector):
         count after each block.
         """
         names = ", ".join(s.name for s in strategies)
+        if inputs.get("pixel_values_videos") is not None:
+            raise NotApplicableError(f"{names}: pruning inside the Qwen vision encoder is not implemented for video "
+                                     "inputs (pixel_values_videos); use a pre-LLM strategy, which reduces per frame")
         grid_thw = inputs["image_grid_thw"]
         if (grid_thw[:, 0] != 1).any():
             raise NotApplicableError(f"{names}: pruning inside the Qwen vision encoder supports still images "
@@ -260,9 +420,10 @@ class Qwen2VLConnector(Connector):
         return features  # the PatchMerger already projected into the LLM space
 
     def original_positions(self, inputs: dict[str, Any]) -> torch.Tensor:
+        videos = {k: inputs[k] for k in ("video_grid_thw", "second_per_grid_ts") if inputs.get(k) is not None}
         positions, _ = self.model.model.get_rope_index(
             inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-            image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs.get("attention_mask"),
+            image_grid_thw=inputs.get("image_grid_thw"), attention_mask=inputs.get("attention_mask"), **videos,
         )
         return positions  # [3, B, S]
 
@@ -273,4 +434,5 @@ class Qwen2VLConnector(Connector):
         return {"position_ids": torch.cat([text_positions[None], positions], dim=0)}
 
     def passthrough_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        return {k: inputs[k] for k in ("mm_token_type_ids", "image_grid_thw") if inputs.get(k) is not None}
+        keys = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+        return {k: inputs[k] for k in keys if inputs.get(k) is not None}

@@ -157,6 +157,8 @@ class PopeRunner:
         return [{
             "question_id": s.question_id, "split": s.split, "image_id": s.image_id, "label": s.label,
             "answer": a.strip(), "kept_tokens": kept[i], "visual_tokens": total[i],
+            "equivalent_tokens": round(stats.per_sample_equivalent_tokens[i], 3)
+            if stats.per_sample_equivalent_tokens else kept[i],
             "prefill_flops": stats.per_sample_flops[i] if stats.per_sample_flops else 0,
             "prefill_s": round(stats.prefill_s / n, 5), "total_s": round(stats.total_s / n, 5),
             "batch_size": n,
@@ -178,6 +180,8 @@ def summarize(results: dict[str, list[dict]], parser: str) -> dict:
             "spec": spec, "parser": parser, "metrics": metrics[parser], "metrics_all_parsers": metrics,
             "n": len(records),
             "kept_tokens": sum(r["kept_tokens"] for r in records) / n,
+            # layer-averaged visual tokens inside the LLM (= kept tokens for methods acting before the LLM)
+            "equivalent_tokens": sum(r.get("equivalent_tokens", r["kept_tokens"]) for r in records) / n,
             "visual_tokens": sum(r["visual_tokens"] for r in records) / n,
             "prefill_gflops": sum(r["prefill_flops"] for r in records) / n / 1e9,
             "prefill_ms": 1e3 * sum(r["prefill_s"] for r in records) / n,
@@ -191,6 +195,7 @@ def table_rows(summary: dict) -> list[dict]:
     for spec, s in summary.items():
         m = s["metrics"]
         row = {"strategy": spec, "kept tokens": round(s["kept_tokens"], 1),
+               "equiv. tokens": round(s.get("equivalent_tokens", s["kept_tokens"]), 1),
                "prefill GFLOPs": round(s["prefill_gflops"], 2)}
         for split in [k for k in m if k != "mean"]:
             row[f"{split} F1"] = round(100 * m[split]["f1"], 1)
@@ -205,7 +210,9 @@ def markdown_table(rows: list[dict], parser: str) -> str:
     head = list(rows[0])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
-    return "\n".join(lines) + f"\n\nParser: {parser}. Metrics in %, positive = yes; times are per question.\n"
+    return "\n".join(lines) + (f"\n\nParser: {parser}. Metrics in %, positive = yes; times are per question. "
+                                "kept tokens = visual tokens entering the LLM; equiv. tokens = visual tokens averaged "
+                                "over the LLM's layers (differs only for in-LLM methods).\n")
 
 
 def write_reports(output: Path, summary: dict, parser: str, metric: str = "f1") -> dict[str, Path]:
@@ -236,14 +243,15 @@ def plot(summary: dict, path: Path, metric: str = "f1") -> None:
     ax_lines: list[tuple[str, float]] = []
     for spec, s in summary.items():
         value = 100 * s["metrics"]["mean"][metric]
+        tokens = s.get("equivalent_tokens", s["kept_tokens"])
         if spec == "vanilla":
-            vanilla = (s["kept_tokens"], value)
+            vanilla = (tokens, value)
             continue
         if spec == BLIND:
             ax_lines.append(("blind (no image)", value))
             continue
-        family = re.sub(r"(keep|ratio)=[^,+]*,?", "", spec).rstrip(":,")
-        families[family].append((s["kept_tokens"], value))
+        family = re.sub(r"(keep|ratio|iterations|shift)=[^,+]*,?", "", spec).rstrip(":,")
+        families[family].append((tokens, value))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for family, points in sorted(families.items()):
         points.sort()
@@ -252,7 +260,7 @@ def plot(summary: dict, path: Path, metric: str = "f1") -> None:
         ax.axhline(vanilla[1], linestyle="--", color="black", label=f"vanilla ({vanilla[0]:.0f} tokens)")
     for label, value in ax_lines:
         ax.axhline(value, linestyle=":", color="gray", label=label)
-    ax.set_xlabel("kept visual tokens per image")
+    ax.set_xlabel("visual tokens per question (layer-averaged inside the LLM)")
     ax.set_ylabel(f"POPE mean {metric} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

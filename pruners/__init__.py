@@ -5,9 +5,9 @@ from vlmeff.pruners.aim_prune import AIMPrune
 from vlmeff.pruners.atp import ATP
 from vlmeff.pruners.fastervlm import FasterVLM
 from vlmeff.pruners.fastv import FastV
-from vlmeff.pruners.flowcut import FlowCut
+from vlmeff.pruners.flowcut import FlowCut, FlowCutLLM
 from vlmeff.pruners.pool import Pool
 from vlmeff.pruners.random import RandomPruner
 from vlmeff.pruners.visionzip import VisionZip
 
-__all__ = ["AIM", "AIMPrune", "ATP", "FasterVLM", "FastV", "FlowCut", "Pool", "RandomPruner", "VisionZip"]
+__all__ = ["AIM", "AIMPrune", "ATP", "FasterVLM", "FastV", "FlowCut", "FlowCutLLM", "Pool", "RandomPruner", "VisionZip"]

@@ -15,7 +15,9 @@ unmerged at its own raster position and ceil(N / 2) tokens remain. I iterations 
 Metric. ``metric="keys"`` (default; the reference's image rule): attention keys of the vision encoder's LAST block
 (k_proj(ln1(input of that block)), heads concatenated, [CLS] dropped), merged alongside the features with the same
 assignment so that later iterations compare merged keys. ``metric="features"`` (the reference's video rule): the
-tokens themselves. Towers without a keys API (Qwen2-VL) need ``metric=features``.
+tokens themselves. Towers without a keys API (Qwen2-VL) need ``metric=features``. Video
+frames (``ImageTokens.frame`` set) default to ``metric="features"`` and I = 2 when the user left them unset (see
+the class docstring).
 
 Space. The reference for LLaVA-1.5 (LaVi-Lab/AIM, LLaVA-PruMerge/.../clip_encoder.py) merges inside the CLIP tower's
 forward, i.e. the feature-layer (-2) vision features BEFORE the mm projector; encode_images projects the merged
@@ -52,6 +54,7 @@ from vlmeff.strategy import Budget, ImageTokens, NotApplicableError, Stage, Stra
 
 METRICS = ("keys", "features")
 DEFAULT_ITERATIONS = 3
+VIDEO_ITERATIONS = 2  # the reference's default for video frames (METHODS.md "AIM")
 
 
 def merge_schedule(num_tokens: int, iterations: int | None = None, keep: int | None = None) -> list[int]:
@@ -134,6 +137,11 @@ class AIM(TokenReducer, Budget):
     iterations: rounds (default 3: about 1/8 of the tokens kept); give `keep` or `ratio` instead for an exact count.
     metric: "keys" (the vision encoder's last-block keys, [CLS] dropped, the reference's image rule) or "features"
             (the tokens themselves, the reference's video rule; needed on Qwen2-VL, whose tower exposes no keys).
+    Video frames (tokens whose `frame` is set: a video fed frame by frame, or Qwen2-VL's temporal patches): when the
+    user left them unset (None = auto), `iterations` defaults to 2 (about 1/4 kept; only without keep / ratio) and
+    `metric` to "features", the reference's video rules; still images keep 3 and "keys". After construction the
+    attributes hold the image values (`AIM().iterations == 3`, `AIM().metric == "keys"`); `spec()` leaves auto
+    values out, so "aim" round-trips to auto, while "aim:iterations=3,metric=keys" applies those to frames too.
     Acts on vision features before the projector (token_space "vision"), as the reference does for LLaVA-1.5.
     The in-LLM pruning half of AIM is a separate strategy.
     """
@@ -146,12 +154,18 @@ class AIM(TokenReducer, Budget):
     token_space = "vision"
 
     iterations: int | None = None
-    metric: str = "keys"
+    metric: str | None = None
     _key_block: int | None = field(default=None, init=False, repr=False, compare=False)
+    # True when iterations / metric were left unset (None): frames then get the video defaults
+    _auto_iterations: bool = field(default=False, init=False, repr=False)
+    _auto_metric: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
         TokenReducer.__post_init__(self)
+        self._auto_metric = self.metric is None
+        self.metric = "keys" if self.metric is None else self.metric
         if self.keep is None and self.ratio is None:
+            self._auto_iterations = self.iterations is None
             self.iterations = DEFAULT_ITERATIONS if self.iterations is None else self.iterations
             if self.iterations < 1:
                 raise StrategyError(f"aim.iterations={self.iterations}: must be >= 1 (each keeps about half)")
@@ -162,19 +176,35 @@ class AIM(TokenReducer, Budget):
         if self.metric not in METRICS:
             raise StrategyError(f"aim.metric={self.metric!r}: expected one of {', '.join(METRICS)}")
 
+    def params(self) -> dict:
+        params = super().params()  # auto values stay None, so spec() -> parse_spec round-trips to auto
+        if self._auto_iterations:
+            params["iterations"] = None
+        if self._auto_metric:
+            params["metric"] = None
+        return params
+
+    def settings(self, image: ImageTokens) -> tuple[int | None, str]:
+        """(iterations, metric) for one image: the video defaults for a frame where the user left them unset."""
+        frame = image.frame is not None
+        iterations = VIDEO_ITERATIONS if frame and self._auto_iterations else self.iterations
+        return iterations, "features" if frame and self._auto_metric else self.metric
+
     def check_applicable(self, connector) -> None:
         # the reference reads keys of the encoder's last block (layers[23] of CLIP-L), not of the feature layer
         self._key_block = connector.config.vision_config.num_hidden_layers - 1
 
-    def schedule(self, num_tokens: int, num_original: int) -> list[int]:
-        """Merges per iteration for an image that now has `num_tokens` tokens (of `num_original` before reduction)."""
-        if self.iterations is not None:
-            return merge_schedule(num_tokens, iterations=self.iterations)
+    def schedule(self, num_tokens: int, num_original: int, iterations: int | None = None) -> list[int]:
+        """Merges per iteration for an image that now has `num_tokens` tokens (of `num_original` before reduction);
+        `iterations` overrides the strategy's own (the frame default)."""
+        iterations = self.iterations if iterations is None else iterations
+        if iterations is not None:
+            return merge_schedule(num_tokens, iterations=iterations)
         return merge_schedule(num_tokens, keep=self.kept_count(num_original))
 
     def similarity_metric(self, image: ImageTokens) -> torch.Tensor | None:
         """[V_cur, H*hd] float32 last-block keys of the current tokens, or None when the features are the metric."""
-        if self.metric == "features":
+        if self.settings(image)[1] == "features":
             return None
         if self._key_block is None:
             raise StrategyError("aim.metric=keys: call check_applicable(connector) first (vlmeff.wrap does)")
@@ -196,7 +226,7 @@ class AIM(TokenReducer, Budget):
         out = []
         for img in images:
             num = img.features.shape[0]
-            plan = self.schedule(num, img.num_original)
+            plan = self.schedule(num, img.num_original, self.settings(img)[0])
             img.record.strategies.append(self.name)
             if not plan:  # nothing to merge: identity (exactly the unwrapped model)
                 out.append(img)

@@ -22,10 +22,18 @@ scores per image, per 2x2 merge group (S and rel of a group: mean and sum of its
 distribution, log N with N groups), prunes whole groups, gathers their rotary rows and attention segments (Qwen2.5:
 windows), and the LLM receives the M-RoPE ids of the kept groups. Counts are per image (no batch max: the packed
 encoder needs no rectangle), so batched results equal per-image ones. Budget T is in LLM tokens (merge groups).
+
+LLM stage (`flowcut-llm`; on Qwen2-VL `flowcut` runs it by default, `llm_stage=false` turns it off): the encoder
+keeps 2T groups (the reference's ``visual.target_num = 2 x target``) and after decoder layer 1 (prefill only), per
+sample, from that layer's post-RoPE q, k and v (kv heads repeated):
+  rel = softmax over the visual keys of q_last . k_j / sqrt(hd), sem = softmax over the visual values of
+  v_last . v_j / sqrt(hd), each mean over heads; dens = L1 norm of the head-averaged v_j; score = (rel + sem) dens;
+the top T visual tokens stay (sequence order, original positions), the others are removed for all later layers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +42,15 @@ import torch
 
 from vlmeff.connectors.qwen2_vl import global_query_attention
 from vlmeff.registry import register_strategy
-from vlmeff.strategy import Budget, NotApplicableError, Stage, TokenReducer, topk_sorted
+from vlmeff.strategy import (
+    Budget,
+    LLMPruner,
+    NotApplicableError,
+    Stage,
+    StrategyError,
+    TokenReducer,
+    topk_sorted,
+)
 
 
 def flowcut_scores(q_cls: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, num_heads: int, scale: float,
@@ -76,10 +92,19 @@ class FlowCut(TokenReducer, Budget):
     paper = "arXiv 2505.19536"
 
     semantic_scale: bool = False  # scale v_CLS . v_j by 1/sqrt(head_dim) (the LLM/Qwen reference code does)
+    llm_stage: bool | None = None  # None: on for Qwen2-VL (as in the reference), off for LLaVA-1.5
 
     def __post_init__(self):
         TokenReducer.__post_init__(self)
         self._check_budget(self.name)
+
+    def expand(self, connector) -> list:
+        on = connector.name.startswith("qwen") if self.llm_stage is None else self.llm_stage
+        if not on:
+            return [self]
+        encoder = dataclasses.replace(self, llm_stage=False, keep=None if self.keep is None else 2 * self.keep,
+                                      ratio=None if self.ratio is None else min(1.0, 2 * self.ratio))
+        return [encoder, FlowCutLLM(keep=self.keep, ratio=self.ratio, positions=self.positions)]
 
     def check_applicable(self, connector) -> None:
         if connector.name.startswith("qwen"):
@@ -161,3 +186,47 @@ def adaptive_prune_count(rel: torch.Tensor, target: int, remaining: int) -> torc
     entropy = -(rel * torch.log(rel + 1e-7)).sum(-1)  # [I]
     ratio = entropy / math.log(num)
     return torch.round((num - target) / math.sqrt(remaining) * (1 - ratio**2))
+
+
+@register_strategy
+@dataclass
+class FlowCutLLM(LLMPruner, Budget):
+    """FlowCut's LLM stage: after decoder layer `layer` (1), keep the top keep (or ratio x V) visual tokens per image
+    budget by (rel + sem) x dens of the last query (module docstring). `flowcut` adds it itself on Qwen2-VL."""
+
+    name = "flowcut-llm"
+    summary = "in-LLM stage of FlowCut: last-query relevance + value semantics x density after decoder layer 1"
+    paper = "arXiv 2505.19536"
+
+    layer: int = 1
+
+    def __post_init__(self):
+        LLMPruner.__post_init__(self)
+        self._check_budget(self.name)
+        if self.layer < 0:
+            raise StrategyError(f"flowcut-llm.layer={self.layer}: must be >= 0 (a decoder layer index)")
+
+    def prune_layers(self, num_layers: int) -> list[int]:
+        return [self.layer]
+
+    def observe(self, layer, attention, view, state) -> None:
+        keys, values = attention.keys, attention.values  # [B, H, S, hd]
+        scale = keys.shape[-1] ** -0.5
+        scores = []
+        for b, sample in enumerate(view.samples):
+            visual = sample.visual.to(keys.device)
+            q_last = attention.query[b, :, sample.last].float()  # [H, hd]
+            v_last = values[b, :, sample.last]  # [H, hd]
+            k_vis, v_vis = keys[b][:, visual], values[b][:, visual]  # [H, n, hd]
+            rel = torch.softmax(torch.einsum("hd,hnd->hn", q_last, k_vis) * scale, dim=-1).mean(0)  # [n]
+            sem = torch.softmax(torch.einsum("hd,hnd->hn", v_last, v_vis) * scale, dim=-1).mean(0)  # [n]
+            dens = v_vis.mean(0).abs().sum(-1)  # [n]
+            scores.append((rel + sem) * dens)
+        state["scores"] = scores
+
+    def select(self, layer, view, state) -> list[torch.Tensor | None]:
+        kept = []
+        for sample, score in zip(view.samples, state["scores"]):
+            target = sum(self.kept_count(v) for v in sample.original_counts)
+            kept.append(None if target >= score.numel() else topk_sorted(score, target))
+        return kept

@@ -346,7 +346,7 @@ def test_qwen_flowcut_vision_flops_match_flop_counter_on_the_pruned_encoder(load
             block.attn.qkv.weight[: 2 * block.attn.qkv.in_features].mul_(30.0)
             block.attn.qkv.bias[: block.attn.qkv.in_features].add_(1.5)
     inputs = make_inputs(processor, ["What is it?"], [[make_image(3)]])
-    with vlmeff.wrap(deep, processor, "flowcut:keep=4") as vm:
+    with vlmeff.wrap(deep, processor, "flowcut:keep=4,llm_stage=false") as vm:
         flowcut = vm.strategies[0]
         decisions = {}  # block -> what FlowCut kept; replayed below without its scoring FLOPs
         score_and_prune = flowcut.prune_layer

@@ -100,7 +100,7 @@ def test_kept_groups_and_features_match_independent_per_image_recomputation(load
     model, processor = deep_qwen if kind == "deep" else loaded(kind)
     images = [[make_image(1)], [make_image(2, size=(90, 40))], [make_image(3)]]
     inputs = make_inputs(processor, PROMPTS, images)
-    vm = vlmeff.wrap(model, processor, f"flowcut:keep={keep}")
+    vm = vlmeff.wrap(model, processor, f"flowcut:keep={keep},llm_stage=false")
     vm.prepare(**inputs)
     vm.unwrap()
     for i, record in enumerate(vm.last_record):
@@ -119,7 +119,7 @@ def test_kept_groups_and_features_match_independent_per_image_recomputation(load
 def test_explicit_block_loop_keeping_everything_equals_stock_tower(loaded, kind):
     model, processor = loaded(kind)
     inputs = make_inputs(processor, PROMPTS[:2], [[make_image(6)], [make_image(7, size=(90, 40))]])
-    vm = vlmeff.wrap(model, processor, "flowcut:ratio=1.0")
+    vm = vlmeff.wrap(model, processor, "flowcut:ratio=1.0,llm_stage=false")
     stock, _ = vm.connector.encode(inputs)
     looped, indices, _ = vm.connector.encode_reduced(inputs, vm.strategies)
     vm.unwrap()
@@ -133,7 +133,7 @@ def test_keep_everything_is_exactly_the_unwrapped_model(loaded, kind):
     model, processor = loaded(kind)
     inputs = make_inputs(processor, PROMPTS[:2], [[make_image(0)], [make_image(1)]])
     ref_tokens = greedy(model.generate, inputs)
-    with vlmeff.wrap(model, processor, "flowcut:keep=100000") as vm:
+    with vlmeff.wrap(model, processor, "flowcut:keep=100000,llm_stage=false") as vm:
         assert torch.equal(greedy(vm.generate, inputs), ref_tokens)
         assert vm.stats.visual_tokens_kept == vm.stats.visual_tokens_in
 
@@ -144,7 +144,7 @@ def test_batch_equals_per_image(loaded, kind):
     model, processor = loaded(kind)
     images = [[make_image(11)], [make_image(12, size=(90, 40))], [make_image(13)]]
     batch = make_inputs(processor, PROMPTS, images)
-    with vlmeff.wrap(model, processor, "flowcut:keep=5") as vm:
+    with vlmeff.wrap(model, processor, "flowcut:keep=5,llm_stage=false") as vm:
         vm.prepare(**batch)
         batched = [r.kept_indices.tolist() for r in vm.last_record]
         singles = []
@@ -160,7 +160,7 @@ def test_mrope_ids_of_kept_groups_and_generate(loaded, kind):
     """The LLM sees text + the kept groups, and the kept tokens carry the (t, h, w) ids of their grid cells."""
     model, processor = loaded(kind)
     inputs = make_inputs(processor, PROMPTS[:1], [[make_image(9)]])
-    vm = vlmeff.wrap(model, processor, "flowcut:keep=6")
+    vm = vlmeff.wrap(model, processor, "flowcut:keep=6,llm_stage=false")
     kwargs = vm.prepare(**inputs)
     record = vm.last_record[0]
     full, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
@@ -171,7 +171,57 @@ def test_mrope_ids_of_kept_groups_and_generate(loaded, kind):
     expected = full[:, 0, start + record.kept_indices]  # [3, 6]
     assert torch.equal(kwargs["position_ids"][1:, 0, new_start:new_start + 6], expected)
     vm.unwrap()
-    out, vm, seen, num_visual = generate_recording_lengths(model, processor, "flowcut:keep=6", inputs)
+    out, vm, seen, num_visual = generate_recording_lengths(model, processor, "flowcut:keep=6,llm_stage=false", inputs)
     assert seen[0] == inputs["input_ids"].shape[1] - num_visual + 6
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
     assert vm.stats.flops["vision"] < vm.stats.flops_vanilla["vision"]
+
+
+def test_two_stage_flowcut_on_qwen_matches_an_independent_llm_score(loaded):
+    """Default on Qwen2-VL: the encoder keeps 2T groups, decoder layer 1's (rel + sem) x dens keeps T."""
+    from test_llm_stage import deepen
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+    model, processor = loaded("qwen2-vl")
+    deep = deepen(model, seed=2)
+    inputs = make_inputs(processor, PROMPTS[:2], [[make_image(20)], [make_image(21, size=(90, 40))]])
+    vm = vlmeff.wrap(deep, processor, "flowcut:keep=5")
+    assert [s.name for s in vm.strategies] == ["flowcut", "flowcut-llm"]
+    assert vm.strategies[0].keep == 10 and vm.strategies[1].keep == 5
+    vm(**inputs)
+    records = vm.last_record
+    llm_inputs = vm.prepare(**inputs)
+    vm.unwrap()
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.update(hidden=args[0] if args else kwargs["hidden_states"], cos_sin=kwargs["position_embeddings"],
+                        mask=kwargs["attention_mask"])
+
+    layer = deep.model.language_model.layers[1]
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        deep(**llm_inputs)
+    handle.remove()
+    attn = layer.self_attn
+    with torch.no_grad():
+        x = layer.input_layernorm(captured["hidden"])
+        b, s, _ = x.shape
+        q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *captured["cos_sin"])
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1).float(), v.repeat_interleave(groups, 1).float()
+    for row, record in enumerate(records):
+        assert record.num_kept == 10
+        visual = (llm_inputs["input_ids"][row] == deep.config.image_token_id).nonzero().squeeze(1)
+        last = int(llm_inputs["attention_mask"][row].nonzero().max())
+        d = q.shape[-1]
+        rel = sum(torch.softmax(k[row, h, visual] @ q[row, h, last].float() / d ** 0.5, 0)
+                  for h in range(q.shape[1])) / q.shape[1]
+        sem = sum(torch.softmax(v[row, h, visual] @ v[row, h, last] / d ** 0.5, 0) for h in range(q.shape[1])) / q.shape[1]
+        dens = v[row, :, visual].mean(0).abs().sum(-1)
+        score = (rel + sem) * dens
+        chosen = sorted(sorted(range(visual.numel()), key=lambda j: (-float(score[j]), j))[:5])
+        assert record.llm_kept[2].tolist() == record.kept_indices[chosen].tolist()

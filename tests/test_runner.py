@@ -8,7 +8,7 @@ import pytest
 
 from vlmeff.cli import main
 from vlmeff.eval.pope import load_synthetic, synthetic_image
-from vlmeff.eval.runner import PopeRunner, budgeted, read_done, summarize, write_reports
+from vlmeff.eval.runner import PopeRunner, budgeted, read_done, summarize, table_rows, write_reports
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +108,21 @@ def test_cli_eval_on_tiny_model(saved_models, tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0
     assert all(len(lines(p)) == 6 for p in (out / "samples").iterdir())
+
+
+def test_in_llm_methods_report_equivalent_tokens(loaded, tmp_path, samples):
+    """FastV keeps all tokens at the LLM input but fewer inside: the report's equivalent tokens say how many."""
+    from test_llm_stage import deepen
+
+    model, processor = loaded("llava-dinov2")
+    deep = deepen(model, depth=4)
+    runner = PopeRunner(deep, processor, samples[:4], tmp_path, image_loader=synthetic_image, batch_size=4,
+                        max_new_tokens=2, progress=False)
+    results = {spec: runner.run(spec) for spec in ("vanilla", "fastv:keep=8,layer=2")}
+    assert all(r["equivalent_tokens"] == 64 for r in results["vanilla"])
+    assert all(r["kept_tokens"] == 64 and r["equivalent_tokens"] == (2 * 64 + 2 * 8) / 4
+               for r in results["fastv:keep=8,layer=2"])
+    summary = summarize(results, "official")
+    rows = {row["strategy"]: row for row in table_rows(summary)}
+    assert rows["fastv:keep=8,layer=2"]["equiv. tokens"] == 36.0
+    assert summary["fastv:keep=8,layer=2"]["prefill_gflops"] < summary["vanilla"]["prefill_gflops"]

@@ -117,7 +117,8 @@ class SampleTokens:
 
     visual: [n] positions of its visual tokens; cells: [n] their original grid cells; images: [n] the batch image
     each belongs to; text_after: [t] positions of its real text tokens after its first visual token; last: position
-    of its last real token; num_visual: visual tokens it had when the LLM started (budgets refer to this).
+    of its last real token; num_visual: visual tokens it had when the LLM started (budgets refer to this);
+    original_counts: per image of the sample, its token count before any reduction (the placeholders).
     """
 
     visual: torch.Tensor
@@ -126,6 +127,7 @@ class SampleTokens:
     text_after: torch.Tensor
     last: int
     num_visual: int
+    original_counts: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -211,6 +213,8 @@ class LLMSession:
                 self.cell[row, positions] = cells
                 self.image[row, positions] = owner
         self.grids = [img.record.grid for img in self.images]
+        self.original_counts = [[img.record.num_tokens for img in self.images if img.record.sample == row]
+                                for row in range(ids.shape[0])]
 
     def view(self, source: torch.Tensor, valid: torch.Tensor) -> PrefillView:
         samples = []
@@ -223,7 +227,8 @@ class LLMSession:
             text_after = text_after[text_after > first]
             samples.append(SampleTokens(visual=visual, cells=self.cell[row, src[visual]],
                                         images=self.image[row, src[visual]], text_after=text_after,
-                                        last=int(real.nonzero().max()), num_visual=int(self.is_visual[row].sum())))
+                                        last=int(real.nonzero().max()), num_visual=int(self.is_visual[row].sum()),
+                                        original_counts=self.original_counts[row]))
         return PrefillView(samples, self.grids, self.num_layers, valid)
 
     # --- install / remove ---------------------------------------------------------------------------------------
@@ -374,9 +379,13 @@ class LLMSession:
             img.record.llm_kept[layer] = self.cell[row, here.nonzero().squeeze(1)]
 
     # --- results ----------------------------------------------------------------------------------------------
+    def per_sample_equivalent_tokens(self) -> list[float]:
+        """Layer-averaged visual tokens of each batch row (METHODS.md, "FLOPs": equivalent tokens)."""
+        return [sum(v) / self.num_layers for v in self.layer_visual]
+
     def equivalent_tokens(self) -> float:
-        """Layer-averaged kept visual tokens, summed over the batch (METHODS.md, "FLOPs")."""
-        return sum(sum(v) / self.num_layers for v in self.layer_visual)
+        """Layer-averaged kept visual tokens, summed over the batch."""
+        return sum(self.per_sample_equivalent_tokens())
 
 
 def _gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

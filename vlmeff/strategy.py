@@ -78,6 +78,9 @@ class SelectionRecord:
     projected_tokens: int = 0  # tokens that went through the projector (for FLOPs)
     # in-LLM stage: {first decoder layer that runs without the removed tokens: grid cells still present from it on}
     llm_kept: dict[int, torch.Tensor] = field(default_factory=dict)
+    # frame index within its video (LLaVA: the frame fed as this image; Qwen2-VL video: the temporal patch, i.e.
+    # input frames 2f and 2f+1); None for a still image
+    frame: int | None = None
 
     @property
     def num_kept(self) -> int:
@@ -88,7 +91,7 @@ class SelectionRecord:
             "sample": self.sample, "image": self.image, "grid": list(self.grid), "num_tokens": self.num_tokens,
             "kept_indices": self.kept_indices.tolist(), "num_extra": self.num_extra,
             "merge_groups": self.merge_groups, "per_layer_kept": self.per_layer_kept,
-            "strategies": self.strategies,
+            "strategies": self.strategies, "frame": self.frame,
             "llm_kept": {layer: cells.tolist() for layer, cells in self.llm_kept.items()},
         }
 
@@ -114,6 +117,7 @@ class ImageTokens:
     projected: bool = False  # True once features are in the LLM embedding space
     # groups[j]: original grid indices folded into token j (None while no strategy has merged anything)
     groups: list[list[int]] | None = None
+    frame: int | None = None  # frame index within its video (see SelectionRecord.frame); None for a still image
 
     @property
     def num_original(self) -> int:
@@ -223,6 +227,11 @@ class Strategy:
 
     def check_applicable(self, connector: Connector) -> None:
         """Raise `NotApplicableError` if this strategy cannot run on the connector's model."""
+
+    def expand(self, connector: Connector) -> list[Strategy]:
+        """The strategies that run for this one on the connector's model: itself, or its per-stage parts when the
+        method acts at several stages there (FlowCut on Qwen2-VL: inside the encoder, then inside the LLM)."""
+        return [self]
 
     def check_after(self, previous: list[Strategy]) -> None:
         """Raise `StrategyError` if this strategy cannot follow `previous` (same or earlier stages)."""

@@ -13,7 +13,11 @@ the new tokens, so `out[:, inputs["input_ids"].shape[1]:]` are the new tokens as
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,10 +28,18 @@ from vlmeff.flops import FlopsBreakdown, prefill_flops
 from vlmeff.llm_stage import LLMSession
 from vlmeff.registry import CONNECTORS
 from vlmeff.spec import build_pipeline, describe, parse_spec
-from vlmeff.strategy import ProbeUnavailableError, SelectionRecord, Stage, TokenReducer
+from vlmeff.strategy import (
+    ImageTokens,
+    NotApplicableError,
+    ProbeUnavailableError,
+    SelectionRecord,
+    Stage,
+    TokenReducer,
+)
 
 # Keys of processor output that describe the prompt and images (everything else goes to generate as is).
-INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes")
+INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes",
+              "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 @dataclass
@@ -42,6 +54,7 @@ class RunStats:
     flops: dict[str, int] = field(default_factory=dict)
     flops_vanilla: dict[str, int] = field(default_factory=dict)
     per_sample_flops: list[int] = field(default_factory=list)  # total prefill FLOPs of each batch row
+    per_sample_equivalent_tokens: list[float] = field(default_factory=list)  # layer-averaged visual tokens per row
     encode_s: float = 0.0  # vision encoder
     strategy_s: float = 0.0  # the strategies' own work (scores, selection, splice; in-LLM scoring and compaction)
     llm_prefill_s: float = 0.0  # first LLM forward over the prompt
@@ -73,6 +86,12 @@ class VLMWrapper:
         self.strategies = build_pipeline(parse_spec(spec))
         for strategy in self.strategies:
             strategy.check_applicable(self.connector)
+        # a method acting at several stages on this model (FlowCut on Qwen: encoder + LLM) expands into its parts
+        expanded = [part for strategy in self.strategies for part in strategy.expand(self.connector)]
+        if len(expanded) != len(self.strategies):
+            self.strategies = build_pipeline(expanded)
+            for strategy in self.strategies:
+                strategy.check_applicable(self.connector)
         modes = {s.positions for s in self.strategies if isinstance(s, TokenReducer)} - {"auto"}
         self.positions = modes.pop() if modes else self.connector.default_positions
         if self.positions not in self.connector.supported_positions:
@@ -125,12 +144,17 @@ class VLMWrapper:
             self.stats.llm_prefill_s = time.perf_counter() - self._prefill_start
 
     # --- the pipeline ------------------------------------------------------------------------------------------
-    def prepare(self, **inputs) -> dict[str, Any]:
-        """Model kwargs for the reduced batch (also fills `last_record` and the token/FLOP stats)."""
+    def prepare(self, frames: Sequence[int | None] | None = None, **inputs) -> dict[str, Any]:
+        """Model kwargs for the reduced batch (also fills `last_record` and the token/FLOP stats).
+
+        frames: one entry per image of `pixel_values` (in order): its frame index when the images are the frames of
+        a video fed one image per frame (LLaVA), None for a still image; sets `ImageTokens.frame` and
+        `SelectionRecord.frame` (see `_mark_frames`). `generate` and `__call__` accept it too.
+        """
         self.stats = RunStats()
         self.last_record = []
         self._session = None
-        if inputs.get("pixel_values") is None:  # text only: nothing to reduce
+        if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None:  # text only
             self.stats.text_tokens = int(_mask(inputs).sum())
             self._count(inputs, [], [])
             return {k: v for k, v in inputs.items() if v is not None}
@@ -138,6 +162,7 @@ class VLMWrapper:
         with torch.no_grad():
             vision = [s for s in self.strategies if s.stage is Stage.VISION]
             slots, images = self.connector.prepare_tokens(inputs, vision)  # vision-stage strategies prune inside
+            images = self._mark_frames(inputs, slots, images, frames)
             self._sync()
             t1 = time.perf_counter()
             for strategy in self.strategies:
@@ -159,12 +184,38 @@ class VLMWrapper:
         self._session = self._llm_session(model_kwargs, images)
         return model_kwargs
 
+    def _mark_frames(self, inputs: dict[str, Any], slots, images: list[ImageTokens],
+                     frames: Sequence[int | None] | None) -> list[ImageTokens]:
+        """The one place that says which token sets are video frames: the connector's native video frames
+        (Qwen2-VL's temporal patches), then `frames` for the other images (a video fed one image per frame)."""
+        marks = self.connector.frame_indices(inputs, slots)
+        if frames is not None:
+            free = [i for i, mark in enumerate(marks) if mark is None]  # images not already marked by the connector
+            frames = list(frames)
+            if len(frames) != len(free) or any(
+                    f is not None and (isinstance(f, bool) or not isinstance(f, numbers.Integral) or f < 0)
+                    for f in frames):
+                raise ValueError(f"frames={frames!r}: expected one entry per image ({len(free)} here), each a frame "
+                                 "index >= 0 (the image is that frame of a video) or None (a still image)")
+            for i, frame in zip(free, frames):
+                marks[i] = None if frame is None else int(frame)
+        out = []
+        for img, mark in zip(images, marks):
+            img.record.frame = mark
+            out.append(img if img.frame == mark else dataclasses.replace(img, frame=mark))
+        return out
+
     def _llm_session(self, model_kwargs: dict[str, Any], images) -> LLMSession | None:
         """The in-LLM removal session for this call, or None when no in-LLM strategy runs (or no image)."""
         in_llm = [s for s in self.strategies if s.stage is Stage.IN_LLM]
         if not in_llm or not images:
             return None
         ids = model_kwargs["input_ids"]
+        video_token = getattr(self.connector, "video_token_id", None)
+        if video_token is not None and bool((ids == video_token).any()):
+            raise NotApplicableError(
+                f"{', '.join(s.name for s in in_llm)}: in-LLM removal does not handle {self.connector.name} video "
+                "tokens yet; use a pre-LLM strategy (it reduces per frame) or feed the frames as images")
         mask = model_kwargs.get("attention_mask")
         return LLMSession(self.model, in_llm, ids, torch.ones_like(ids) if mask is None else mask,
                           self.connector.image_token_id, images)
@@ -179,6 +230,7 @@ class VLMWrapper:
         self.stats.strategy_s += session.strategy_s
         self._count(self._inputs, self._slots, self._images, session.layer_lengths)
         self.stats.equivalent_tokens = session.equivalent_tokens()
+        self.stats.per_sample_equivalent_tokens = session.per_sample_equivalent_tokens()
         return out
 
     def _count(self, inputs, slots, images, layer_lengths: list[list[int]] | None = None) -> None:
@@ -208,6 +260,9 @@ class VLMWrapper:
             reduced += row_flops
         stats.flops, stats.flops_vanilla = reduced.to_dict(), vanilla.to_dict()
         stats.equivalent_tokens = float(stats.visual_tokens_kept)
+        stats.per_sample_equivalent_tokens = [
+            float(sum(img.features.shape[0] for s, img in zip(slots, images) if s.sample == row))
+            for row in range(inputs["input_ids"].shape[0])]
 
     @property
     def config(self):
@@ -215,7 +270,8 @@ class VLMWrapper:
 
     def __call__(self, **inputs):
         """One forward (prefill) of the reduced batch; returns the model's output (logits over the reduced sequence)."""
-        model_kwargs = self.prepare(**{k: v for k, v in inputs.items() if k in INPUT_KEYS})
+        frames = inputs.pop("frames", None)
+        model_kwargs = self.prepare(frames, **{k: v for k, v in inputs.items() if k in INPUT_KEYS})
         extra = {k: v for k, v in inputs.items() if k not in INPUT_KEYS}
         self._llm_calls = 0
         with torch.no_grad():
@@ -226,8 +282,9 @@ class VLMWrapper:
     def generate(self, **kwargs):
         """Like `model.generate(**processor_outputs, **generation_kwargs)`, with the strategies applied."""
         inputs = {k: kwargs.pop(k) for k in INPUT_KEYS if k in kwargs}
+        frames = kwargs.pop("frames", None)
         t0 = time.perf_counter()
-        model_kwargs = self.prepare(**inputs)
+        model_kwargs = self.prepare(frames, **inputs)
         self._llm_calls = 0
         out = self._run_llm(self.model.generate, **model_kwargs, **kwargs)
         self._sync()
@@ -258,6 +315,42 @@ class VLMWrapper:
         inputs = self.processor(images=images, text=prompt, return_tensors="pt").to(self.model.device)
         generate_kwargs.setdefault("do_sample", False)
         out = self.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        return self.processor.decode(new, skip_special_tokens=True).strip()
+
+    def chat_video(self, video, text: str, num_frames: int | None = 8, sampling: str = "uniform",
+                   max_new_tokens: int = 64, *, fps: float | None = None, start: float | None = None,
+                   end: float | None = None, backend: str = "auto", **generate_kwargs) -> str:
+        """Ask one question about one video; returns the decoded answer.
+
+        video: a file path (frames sampled by `vlmeff.video.load_video(path, num_frames, sampling, fps, start, end,
+        backend)`) or its frames (a list of paths / PIL images / arrays, used as given). A model with its own video
+        path (Qwen2-VL: `connector.video_inputs`) gets the frames as one video ({"type": "video"} in the chat
+        template), reduced per temporal patch; any other (LLaVA) gets one {"type": "image"} per frame in one prompt,
+        marked as frames 0..n-1 (`frames=`), so every pre-LLM strategy reduces per frame (AIM: video defaults).
+        """
+        from vlmeff.images import load_image
+        from vlmeff.video import load_video
+
+        if self.processor is None:
+            raise ValueError("chat_video() needs the processor: vlmeff.wrap(model, processor, spec)")
+        if isinstance(video, (str, os.PathLike)):
+            frames = load_video(video, num_frames, sampling, fps=fps, start=start, end=end, backend=backend)
+        else:
+            frames = [load_image(f) for f in video]
+            if not frames:
+                raise ValueError("video=[]: give a video file or at least one frame")
+        native = getattr(self.connector, "video_inputs", None)
+        entries = [{"type": "video"}] if native is not None else [{"type": "image"} for _ in frames]
+        messages = [{"role": "user", "content": [*entries, {"type": "text", "text": text}]}]
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        if native is not None:
+            inputs, marks = native(frames, prompt), None  # the connector marks its temporal patches as frames
+        else:
+            inputs, marks = self.processor(images=frames, text=prompt, return_tensors="pt"), list(range(len(frames)))
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
+        generate_kwargs.setdefault("do_sample", False)
+        out = self.generate(**inputs, frames=marks, max_new_tokens=max_new_tokens, **generate_kwargs)
         new = out[0, inputs["input_ids"].shape[1]:]
         return self.processor.decode(new, skip_special_tokens=True).strip()
 
