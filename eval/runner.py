@@ -10,6 +10,7 @@ command, seed, package versions).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import platform
@@ -29,6 +30,7 @@ from vlmeff.eval.metrics import pope_summary
 from vlmeff.eval.parsers import PARSERS
 from vlmeff.eval.pope import LLAVA_PROMPT_SUFFIX, PopeSample
 from vlmeff.images import load_image
+from vlmeff.registry import STRATEGIES
 from vlmeff.spec import describe, parse_spec
 
 
@@ -39,10 +41,13 @@ def budgeted(spec: str, budgets: Sequence[int]) -> list[str]:
         return ["vanilla"]
     if text.lower() == BLIND:
         return [BLIND]
-    if re.search(r"\b(keep|ratio)=", text) or text.endswith((".yaml", ".yml")):
+    if re.search(r"\b(keep|ratio|iterations|shift|dominant)=", text) or text.endswith((".yaml", ".yml")):
         return [describe(parse_spec(text))]
     first, sep, rest = text.partition("+")
     name, colon, args = first.partition(":")
+    if name.strip() in STRATEGIES.items() and "keep" not in {
+            f.name for f in dataclasses.fields(STRATEGIES.get(name.strip()))}:
+        return [describe(parse_spec(text))]  # no per-image budget (e.g. atp, aim-prune): runs once
     out = []
     for b in budgets:
         item = f"{name}:keep={b}" + (f",{args}" if colon and args else "")
