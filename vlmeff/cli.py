@@ -67,6 +67,52 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from vlmeff.eval.bench import BenchOptionError, run_bench_cli
+
+    try:
+        run_bench_cli(args, args.argv)
+    except BenchOptionError as e:  # names the option, its value and what is accepted
+        print(f"vlmeff: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    import vlmeff
+    from vlmeff.eval.calibration import calibrate_atp, calibration_samples
+    from vlmeff.eval.runner import default_image_loader
+
+    if args.model in (None, "reference"):
+        from vlmeff.eval.pope import synthetic_image
+        from vlmeff.reference.model import load_reference
+
+        model, processor = load_reference()
+        samples, loader = calibration_samples(args.num_images), synthetic_image
+    else:
+        from vlmeff.eval.pope import load_pope
+
+        if not args.data:
+            print("vlmeff: error: --model needs --data (POPE files) for the calibration questions", file=sys.stderr)
+            return 2
+        model, processor = vlmeff.load(args.model, dtype=args.dtype, device=args.device)
+        samples = load_pope(args.data, ["random"], image_dir=args.image_dir)[: 6 * args.num_images]
+        loader = default_image_loader
+    results = []
+    for target in [float(t) for t in args.target.split(",")]:
+        strategy, value = calibrate_atp(model, processor, target, samples, loader, spec=args.strategy,
+                                        batch_size=args.batch_size, steps=args.steps)
+        results.append({"target": target, "spec": strategy.spec(), "equivalent_tokens": round(value, 2),
+                        "questions": len(samples)})
+        print(f"target {target:g}: {strategy.spec()}  (mean equivalent tokens {value:.1f} on {len(samples)} questions)")
+    if args.json_out:
+        from pathlib import Path
+
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def _cmd_reference(args) -> int:
     if args.action == "fetch":
         from vlmeff.reference.weights import ensure_parts
@@ -144,6 +190,46 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None)
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(fn=_cmd_eval)
+
+    bench = sub.add_parser("bench", help="efficiency benchmark: prefill / decode time, peak memory, FLOPs and "
+                           "strategy overhead on a LLaVA-1.5-shaped random model (vlmeff.eval.bench)")
+    bench.add_argument("--quick", action="store_true", help="a tiny model of the same classes (smoke test)")
+    bench.add_argument("--strategy", action="append", help="strategy spec (repeatable; default: fastervlm, flowcut, "
+                       "visionzip, aim, random, pool); vanilla always runs; a spec without keep=/ratio= runs once "
+                       "per --budgets value")
+    bench.add_argument("--budgets", default=None, help="kept visual tokens per image (default 192,128,64; "
+                       "--quick: 24,16,8)")
+    bench.add_argument("--runs", type=int, default=3, help="timed passes; times are medians")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed passes before the timed ones")
+    bench.add_argument("--new-tokens", type=int, default=16, help="tokens generated per call (decode time)")
+    bench.add_argument("--batch-size", type=int, default=8, help="samples in the batched vs one-by-one test (0: skip)")
+    bench.add_argument("--batch-strategy", default=None, help="spec of the batch test (default: atp when "
+                       "registered, else fastervlm at the smallest budget)")
+    bench.add_argument("--text-tokens", type=int, default=40, help="text tokens of the prompt")
+    bench.add_argument("--dtype", default="bfloat16", help="bfloat16, float16, float32")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument("--output", default="runs/bench", help="folder for table.md, results.json, run.json")
+    bench.add_argument("--force", action="store_true", help="overwrite a non-empty --output")
+    bench.add_argument("--save", default=None, help="also save_pretrained the built model to this folder")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.set_defaults(fn=_cmd_bench)
+
+    cal = sub.add_parser("calibrate", help="tune ATP's mass shift so its mean equivalent tokens (visual tokens "
+                         "averaged over the LLM's layers) hit a budget; prints the spec to evaluate")
+    cal.add_argument("--target", required=True, help="equivalent visual tokens, one or several comma-separated")
+    cal.add_argument("--strategy", default="atp", help="the atp spec to calibrate (its shift is replaced)")
+    cal.add_argument("--model", default=None, help="default: the reference model (synthetic calibration scenes "
+                     "disjoint from the benchmark's)")
+    cal.add_argument("--data", default=None, help="POPE files for --model (the first questions of 'random')")
+    cal.add_argument("--image-dir", default=None)
+    cal.add_argument("--num-images", type=int, default=12, help="calibration images (3 questions each)")
+    cal.add_argument("--steps", type=int, default=8, help="bisection steps")
+    cal.add_argument("--batch-size", type=int, default=8)
+    cal.add_argument("--dtype", default="auto")
+    cal.add_argument("--device", default=None)
+    cal.add_argument("--json-out", default=None)
+    cal.set_defaults(fn=_cmd_calibrate)
 
     ref = sub.add_parser("reference", help="the bundled reference model: fetch parts, probe layers, train")
     ref.add_argument("action", choices=["fetch", "probe", "train", "export"],
