@@ -255,7 +255,7 @@ def plot(summary: dict, path: Path, metric: str = "f1") -> None:
         if spec == BLIND:
             ax_lines.append(("blind (no image)", value))
             continue
-        family = re.sub(r"(keep|ratio|iterations|shift)=[^,+]*,?", "", spec).rstrip(":,")
+        family = re.sub(r"(keep|ratio|iterations|shift)=[^,+]*,?", "", spec).replace(",+", "+").rstrip(":,")
         families[family].append((tokens, value))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for family, points in sorted(families.items()):
