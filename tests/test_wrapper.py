@@ -194,3 +194,13 @@ def test_chat_text_only_and_with_image(loaded):
         assert vm.stats.visual_tokens_kept == 8
         assert isinstance(vm.chat(None, "Hello", max_new_tokens=3), str)
         assert vm.stats.visual_tokens_in == 0
+
+
+def test_forward_sets_prefill_time(loaded):
+    model, processor = loaded("llava-clip")
+    inputs = make_inputs(processor, PROMPTS[:1], [[make_image(5)]])
+    with vlmeff.wrap(model, processor, "fastervlm:keep=9") as vm:
+        vm(**inputs)
+        stats = vm.stats
+    assert stats.llm_prefill_s > 0 and stats.prefill_s == stats.encode_s + stats.strategy_s + stats.llm_prefill_s
+    assert stats.total_s >= stats.prefill_s * 0.99

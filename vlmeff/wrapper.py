@@ -271,11 +271,17 @@ class VLMWrapper:
     def __call__(self, **inputs):
         """One forward (prefill) of the reduced batch; returns the model's output (logits over the reduced sequence)."""
         frames = inputs.pop("frames", None)
+        t0 = time.perf_counter()
         model_kwargs = self.prepare(frames, **{k: v for k, v in inputs.items() if k in INPUT_KEYS})
         extra = {k: v for k, v in inputs.items() if k not in INPUT_KEYS}
         self._llm_calls = 0
         with torch.no_grad():
-            return self._run_llm(self.model, **model_kwargs, **extra)
+            out = self._run_llm(self.model, **model_kwargs, **extra)
+        self._sync()
+        stats = self.stats
+        stats.prefill_s = stats.encode_s + stats.strategy_s + stats.llm_prefill_s  # logits over all positions
+        stats.total_s = time.perf_counter() - t0
+        return out
 
     forward = __call__
 
