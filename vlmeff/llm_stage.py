@@ -146,6 +146,8 @@ class _Segment:
     valid: torch.Tensor  # [B, S_seg] bool, real tokens
     cos_sin: tuple[torch.Tensor, ...] | None = None  # rotary embeddings gathered at the kept positions (prefill)
     position_ids: torch.Tensor | None = None
+    prefill_mask: torch.Tensor | None = None  # [B, 1, S_seg, S_seg], shared by the segment's layers
+    decode_mask: tuple[int, torch.Tensor | None] | None = None  # (kv length, mask) of the current decode step
 
 
 @dataclass
@@ -194,6 +196,7 @@ class LLMSession:
         self._calls = 0
         self._prompt_length = self.input_ids.shape[1]
         self._decode_mask: torch.Tensor | None = None
+        self._view: PrefillView | None = None  # view of the current prefill sequence, rebuilt after a compaction
 
     # --- what the LLM input holds -------------------------------------------------------------------------------
     def _maps(self) -> None:
@@ -271,8 +274,19 @@ class LLMSession:
             batch = self.input_ids.shape[0]
             self.layer_lengths = [[0] * self.num_layers for _ in range(batch)]
             self.layer_visual = [[0] * self.num_layers for _ in range(batch)]
-            self._source = torch.arange(self._prompt_length, device=self.input_ids.device).expand(batch, -1)
-            self._valid = self.attention_mask.bool()
+            self._set_current(torch.arange(self._prompt_length, device=self.input_ids.device).expand(batch, -1),
+                              self.attention_mask.bool())
+
+    def _set_current(self, source: torch.Tensor, valid: torch.Tensor) -> None:
+        """The prefill sequence the next layers see, and its per-row token counts (one host sync per compaction)."""
+        self._source, self._valid, self._view = source, valid, None
+        visual = self.is_visual.gather(1, source.clamp(min=0)) & valid
+        self._counts = (valid.sum(1).tolist(), visual.sum(1).tolist())
+
+    def current_view(self) -> PrefillView:
+        if self._view is None:
+            self._view = self.view(self._source, self._valid)
+        return self._view
 
     # --- hooks ----------------------------------------------------------------------------------------------------
     def _observer(self, index: int):
@@ -281,7 +295,7 @@ class LLMSession:
                 return
             start = time.perf_counter()
             attention = AttentionInputs(query, key, value, mask, scaling)
-            view = self.view(self._source, self._valid)
+            view = self.current_view()
             for strategy in self.observe_at[index]:
                 strategy.observe(index, attention, view, self.states[id(strategy)])
             self.strategy_s += time.perf_counter() - start
@@ -290,18 +304,16 @@ class LLMSession:
     def _pre_layer(self, index: int):
         def hook(module, args, kwargs):
             if self.prefill:
-                valid, source = self._valid, self._source
-                for row in range(valid.shape[0]):
-                    self.layer_lengths[row][index] = int(valid[row].sum())
-                    self.layer_visual[row][index] = int((self.is_visual[row, source[row].clamp(min=0)]
-                                                         & valid[row]).sum())
+                for row, (length, visual) in enumerate(zip(*self._counts)):
+                    self.layer_lengths[row][index] = length
+                    self.layer_visual[row][index] = visual
             first = self._layer_segment[index]
             if first is None:
                 return None
             segment = self._segments[first]
             hidden = args[0] if args else kwargs["hidden_states"]
             if self.prefill:
-                kwargs["attention_mask"] = _prefill_mask(segment.valid)
+                kwargs["attention_mask"] = segment.prefill_mask
                 kwargs["position_embeddings"] = segment.cos_sin
                 if kwargs.get("position_ids") is not None:
                     kwargs["position_ids"] = segment.position_ids
@@ -311,8 +323,12 @@ class LLMSession:
         return hook
 
     def _decode_layer_mask(self, segment: _Segment, index: int, q_len: int, kwargs) -> torch.Tensor | None:
+        """[B, 1, q, kv] mask of a decode step for a layer of `segment` (its cache: kept prompt + generated tokens);
+        built once per step and segment, the segment's other layers reuse it."""
         cache = kwargs.get("cache")
         past = cache.layers[index].get_seq_length() if cache is not None else 0
+        if segment.decode_mask is not None and segment.decode_mask[0] == past + q_len:
+            return segment.decode_mask[1]
         new = past + q_len - segment.valid.shape[1]  # generated tokens in this layer's cache after the update
         if self._decode_mask is not None:
             tail = self._decode_mask[:, self._prompt_length:].bool()
@@ -321,12 +337,14 @@ class LLMSession:
         else:
             tail = torch.ones(segment.valid.shape[0], new, dtype=torch.bool, device=segment.valid.device)
         keys = torch.cat([segment.valid, tail], dim=1)  # [B, kv]
-        if bool(keys.all()) and q_len == 1:
-            return None
         kv = keys.shape[1]
-        rows = torch.arange(kv - q_len, kv, device=keys.device)
-        causal = torch.arange(kv, device=keys.device)[None, :] <= rows[:, None]  # [q, kv]
-        return (causal[None] & keys[:, None, :])[:, None]  # [B, 1, q, kv]
+        mask = None
+        if not (bool(keys.all()) and q_len == 1):
+            rows = torch.arange(kv - q_len, kv, device=keys.device)
+            causal = torch.arange(kv, device=keys.device)[None, :] <= rows[:, None]  # [q, kv]
+            mask = (causal[None] & keys[:, None, :])[:, None]  # [B, 1, q, kv]
+        segment.decode_mask = (kv, mask)
+        return mask
 
     def _post_layer(self, index: int):
         def hook(module, args, kwargs, output):
@@ -335,8 +353,9 @@ class LLMSession:
             start = time.perf_counter()
             hidden = output[0] if isinstance(output, tuple) else output  # [B, S_cur, D]
             keep = self._valid.clone()
-            view = self.view(self._source, self._valid)
-            for strategy in self.prune_at[index]:
+            view = self.current_view()
+            strategies = self.prune_at[index]
+            for position, strategy in enumerate(strategies):
                 chosen = strategy.select(index, view, self.states[id(strategy)])
                 for row, (sample, kept) in enumerate(zip(view.samples, chosen)):
                     if kept is None:
@@ -344,23 +363,26 @@ class LLMSession:
                     drop = torch.ones(sample.visual.numel(), dtype=torch.bool, device=keep.device)
                     drop[kept.to(keep.device)] = False
                     keep[row, sample.visual[drop]] = False
-                view = self.view(self._source, keep)  # a later strategy at the same layer sees what is left
+                if position + 1 < len(strategies):  # a later strategy at the same layer sees what is left
+                    view = self.view(self._source, keep)
             if torch.equal(keep, self._valid):
                 self.strategy_s += time.perf_counter() - start
                 return None
             idx = compact(keep, pad_side="left")  # [B, S'] current positions, -1 = pad
             cos, sin = kwargs["position_embeddings"]
             position_ids = kwargs.get("position_ids")
+            valid = idx.attention_mask.bool()
             segment = _Segment(
                 source=gather_tokens(self._source, idx.index, fill_value=-1),
-                valid=idx.attention_mask.bool(),
-                cos_sin=(_gather_seq(cos, idx.index), _gather_seq(sin, idx.index)),
-                position_ids=None if position_ids is None else _gather_seq(position_ids, idx.index),
+                valid=valid,
+                cos_sin=(_gather_seq(cos, idx.index, seq_dim=-2), _gather_seq(sin, idx.index, seq_dim=-2)),
+                position_ids=None if position_ids is None else _gather_seq(position_ids, idx.index, seq_dim=-1),
+                prefill_mask=_prefill_mask(valid),
             )
             self._segments[index + 1] = segment
             for later in range(index + 1, self.num_layers):
                 self._layer_segment[later] = index + 1
-            self._source, self._valid = segment.source, segment.valid
+            self._set_current(segment.source, segment.valid)
             self._record(index + 1)
             hidden = gather_tokens(hidden, idx.index)
             self.strategy_s += time.perf_counter() - start
@@ -388,13 +410,13 @@ class LLMSession:
         return sum(self.per_sample_equivalent_tokens())
 
 
-def _gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [..., B, S, (D)] gathered along S with index [B, S'] (-1 -> 0)."""
-    batch = index.shape[0]
-    if x.dim() in (2, 3) and x.shape[0] in (1, batch) and (x.dim() == 2 or x.shape[1] != batch or batch == 1):
-        return gather_tokens(x.expand(batch, *x.shape[1:]).contiguous(), index, fill_value=0)  # [B, S] / [B, S, D]
-    # leading axes (e.g. [3, B, S] position ids or [3, B, S, D] rotary tables)
-    return torch.stack([_gather_seq(part, index) for part in x])
+def _gather_seq(x: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    """x with the sequence axis at `seq_dim` (negative) and the batch axis (B or 1) just before it, gathered along
+    the sequence with index [B, S'] (-1 -> 0): rotary tables [B, S, D] (seq_dim -2), position ids [B, S] (-1); axes
+    before the batch (M-RoPE sections, e.g. [3, B, S]) are gathered one by one."""
+    if x.dim() + seq_dim > 1:  # leading axes before the batch axis
+        return torch.stack([_gather_seq(part, index, seq_dim) for part in x])
+    return gather_tokens(x.expand(index.shape[0], *x.shape[1:]).contiguous(), index, fill_value=0)
 
 
 def _prefill_mask(valid: torch.Tensor) -> torch.Tensor | None:
