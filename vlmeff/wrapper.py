@@ -318,7 +318,12 @@ class VLMWrapper:
             images = load_image(image)
             content.insert(0, {"type": "image"})
         prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        inputs = self.processor(images=images, text=prompt, return_tensors="pt").to(self.model.device)
+        inputs = self.processor(images=images, text=prompt, return_tensors="pt")
+        return self._answer(inputs, max_new_tokens, **generate_kwargs)
+
+    def _answer(self, inputs, max_new_tokens: int, **generate_kwargs) -> str:
+        """Greedy by default: generate for one prompt's processor outputs and decode only the new tokens."""
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
         generate_kwargs.setdefault("do_sample", False)
         out = self.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
         new = out[0, inputs["input_ids"].shape[1]:]
@@ -354,11 +359,7 @@ class VLMWrapper:
             inputs, marks = native(frames, prompt), None  # the connector marks its temporal patches as frames
         else:
             inputs, marks = self.processor(images=frames, text=prompt, return_tensors="pt"), list(range(len(frames)))
-        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
-        generate_kwargs.setdefault("do_sample", False)
-        out = self.generate(**inputs, frames=marks, max_new_tokens=max_new_tokens, **generate_kwargs)
-        new = out[0, inputs["input_ids"].shape[1]:]
-        return self.processor.decode(new, skip_special_tokens=True).strip()
+        return self._answer(inputs, max_new_tokens, frames=marks, **generate_kwargs)
 
 
 def _mask(inputs: dict[str, Any]) -> torch.Tensor:
