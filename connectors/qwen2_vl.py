@@ -328,8 +328,9 @@ class Qwen2VLConnector(Connector):
         the windowed blocks), PatchMerger. After each block every strategy may return, per image, the current merge
         groups to keep; their 4 patch rows, rotary rows and the attention segment lengths are gathered/recomputed.
         Strategies get in `state`: "final_block" (depth - 1: the merger reads its output), "num_groups" (per image,
-        before any reduction), "group_size" (4) and "image_qkv" ((block, block input) -> per image (q, k, v), each
-        [n_i, H, hd] float32 over its current patches, rotary applied; q / k are scaled by `scale` in "scale").
+        before any reduction), "current_groups" (() -> per image, its groups now), "group_size" (4), "scale" (the
+        attention softmax scale) and "image_qkv" ((block, block input) -> per image (q, k, v), each [n_i, H, hd]
+        float32 over its current patches, rotary applied).
         Returns per image the merged tokens [V'_i, D_llm] in raster order, their grid indices [V'_i] and the group
         count after each block.
         """
@@ -366,13 +367,16 @@ class Qwen2VLConnector(Connector):
             image_of = image_of[window_index]
         full_blocks = set(getattr(visual, "fullatt_block_indexes", range(len(visual.blocks))))
 
+        def current_groups() -> list[int]:
+            return torch.bincount(image_of, minlength=num_images).tolist()
+
         def image_qkv(block, block_input):
             q, k, v = block_qkv(block, block_input, (cos, sin))
-            sizes = (torch.bincount(image_of, minlength=num_images) * unit).tolist()
+            sizes = [g * unit for g in current_groups()]
             return list(zip(q.split(sizes), k.split(sizes), v.split(sizes)))
 
         context = {"final_block": len(visual.blocks) - 1, "num_groups": groups, "group_size": unit,
-                   "image_qkv": image_qkv, "scale": visual.blocks[0].attn.scaling}
+                   "current_groups": current_groups, "image_qkv": image_qkv, "scale": visual.blocks[0].attn.scaling}
         states = [dict(context) for _ in strategies]
         per_layer: list[dict[int, int]] = [{} for _ in range(num_images)]
         for index, block in enumerate(visual.blocks):
@@ -394,9 +398,8 @@ class Qwen2VLConnector(Connector):
                 cos, sin = cos[rows], sin[rows]
                 image_of, raster = image_of[kept], raster[kept]
                 window_of = None if window_of is None else window_of[kept]
-            counts = torch.bincount(image_of, minlength=num_images).tolist()
-            for i in range(num_images):
-                per_layer[i][index] = counts[i]
+            for i, count in enumerate(current_groups()):
+                per_layer[i][index] = count
         merged = visual.merger(hidden)  # [G', D_llm] in the current (window) order
         features, indices = [], []
         for i in range(num_images):

@@ -144,9 +144,9 @@ class FlowCut(TokenReducer, Budget):
         """Qwen vision block: per image, the current merge groups to keep (ascending), or None for no change."""
         unit, remaining = state["group_size"], state["final_block"] - layer_index
         targets = [self.kept_count(g) for g in state["num_groups"]]
+        if remaining < 0 or all(g <= t for g, t in zip(state["current_groups"](), targets)):
+            return None  # nothing left to prune: no scores computed
         per_image = state["image_qkv"](layer, hidden_in)  # per image (q, k, v): [n_i, H, hd]
-        if remaining < 0 or all(q.shape[0] // unit <= t for (q, _, _), t in zip(per_image, targets)):
-            return None
         scores = state.setdefault("score", [None] * len(per_image))
         keep, changed = [], False
         for i, ((q, k, v), target) in enumerate(zip(per_image, targets)):
