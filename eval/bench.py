@@ -70,8 +70,6 @@ QUICK_BUDGETS = (24, 16, 8)  # the quick model has 64 visual tokens
 SPEEDUP_TARGET = 0.9  # measured speedup >= 0.9 x FLOP ratio at the smallest budget
 OVERHEAD_TARGET = 0.02  # strategy_s <= 2 % of prefill_s
 PREFIX_TOKENS = 6  # text tokens before the first image
-# RunStats fields an in-LLM release may use for layer-averaged kept visual tokens (summed over the batch's images)
-EQUIVALENT_FIELDS = ("equivalent_tokens", "equivalent_visual_tokens")
 REDUCE_BEFORE_LLM = {"vision", "pre_llm"}
 MIB = 2**20
 
@@ -354,14 +352,6 @@ def strategy_stages(spec: str) -> list[str]:
     return [s.stage.value for s in parse_spec(spec)]
 
 
-def _equivalent_tokens(stats) -> float | None:
-    for name in EQUIVALENT_FIELDS:
-        value = getattr(stats, name, None)
-        if value is not None:
-            return float(value)
-    return None
-
-
 def measure_call(model, spec: str, inputs: dict[str, torch.Tensor], new_tokens: int,
                  memory: bool = False) -> dict[str, Any]:
     """One `vm.generate` of `spec` on `inputs`; returns the call's numbers (times in s, FLOPs, tokens, memory)."""
@@ -396,9 +386,9 @@ def measure_call(model, spec: str, inputs: dict[str, torch.Tensor], new_tokens: 
         "kept_per_sample": [per_sample_kept.get(i, 0) for i in range(inputs["input_ids"].shape[0])],
         "text_tokens": stats.text_tokens,
     }
-    equivalent = _equivalent_tokens(stats)
-    out["equivalent_total"] = equivalent  # summed over the batch's images (None: not exposed by the wrapper)
-    out["equivalent_per_image"] = None if equivalent is None else equivalent / images
+    equivalent = float(stats.equivalent_tokens)  # layer-averaged visual tokens, summed over the batch
+    out["equivalent_total"] = equivalent
+    out["equivalent_per_image"] = equivalent / images
     if tracker is not None:
         out.update({"peak_bytes": tracker.peak, "peak_delta_bytes": tracker.delta, "memory_method": tracker.method})
     return out
@@ -416,47 +406,19 @@ def plan_specs(strategies: Sequence[str] | None, budgets: Sequence[int]) -> list
 
     A spec with keep=/ratio=, a YAML file, a preset, or a strategy without a `keep` parameter (e.g. atp, whose
     counts are instance-adaptive) runs once as given."""
-    from vlmeff.eval.runner import budgeted
-    from vlmeff.spec import describe, parse_spec
+    from vlmeff.eval.runner import budgeted, takes_budget
 
     plans = [SpecPlan("vanilla", None, [])]
     seen = {"vanilla"}
     for strategy in strategies or DEFAULT_STRATEGIES:
-        takes_budget = describe_explicit(strategy) is None and _takes_keep(strategy)
-        expanded = budgeted(strategy, budgets) if takes_budget else [describe(parse_spec(strategy))]
-        for i, spec in enumerate(expanded):
+        per_budget = takes_budget(strategy)
+        for i, spec in enumerate(budgeted(strategy, budgets)):
             if spec in seen:
                 continue
             seen.add(spec)
             stages = strategy_stages(spec)
-            plans.append(SpecPlan(spec, budgets[i] if takes_budget and stages else None, stages))
+            plans.append(SpecPlan(spec, budgets[i] if per_budget and stages else None, stages))
     return plans
-
-
-def _takes_keep(strategy: str) -> bool:
-    """Whether the first strategy named in a budget-less spec has a `keep` parameter (presets: no)."""
-    import dataclasses
-
-    from vlmeff.registry import STRATEGIES
-    from vlmeff.spec import NO_STRATEGY, preset_names
-
-    name = strategy.partition("+")[0].partition(":")[0].strip()
-    if name.lower() in NO_STRATEGY:
-        return True
-    if name in preset_names():
-        return False
-    return "keep" in {f.name for f in dataclasses.fields(STRATEGIES.get(name))}
-
-
-def describe_explicit(strategy: str) -> str | None:
-    """Canonical form of `strategy` when it already carries a budget (or is a file/preset), else None."""
-    import re
-
-    from vlmeff.spec import describe, parse_spec
-
-    if re.search(r"\b(keep|ratio)=", strategy) or strategy.endswith((".yaml", ".yml")):
-        return describe(parse_spec(strategy))
-    return None
 
 
 def _median(values: Sequence[float]) -> float:
@@ -575,7 +537,7 @@ def run_batch_test(model, spec: str, cfg: BenchConfig, bar: tqdm | None = None) 
         "spec": spec, "samples": n, "images_per_sample": images, "text_tokens_per_sample": texts,
         "kept_per_sample": kept, "kept_per_sample_one_by_one": kept_single, "ragged": len(set(kept)) > 1,
         "equivalent_tokens_batched": equiv_batch,
-        "equivalent_tokens_one_by_one": None if None in equiv_single else sum(equiv_single),
+        "equivalent_tokens_one_by_one": sum(equiv_single),
         "new_tokens": cfg.new_tokens, "batched_s": batched_s, "one_by_one_s": one_by_one_s,
         "batched_samples_per_s": n / batched_s, "one_by_one_samples_per_s": n / one_by_one_s,
         "throughput_ratio": one_by_one_s / batched_s,
@@ -731,12 +693,7 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     out = []
     for r in results["rows"]:
         stages = set(r["stages"])
-        if r["equivalent_per_image"] is not None:
-            equiv = f"{r['equivalent_per_image']:.1f}"
-        elif "in_llm" in stages:
-            equiv = f"{r['kept_per_image']:.1f} (kept; no stats.equivalent_tokens)"
-        else:
-            equiv = f"{r['kept_per_image']:.1f}"
+        equiv = f"{r['equivalent_per_image']:.1f}"
         overhead = _mark(r["overhead_target_met"], "n/a (in encode)" if "vision" in stages else "-")
         out.append({
             "strategy": r["spec"], "stage": "+".join(r["stages"]) or "-", "kept tokens": f"{r['kept_per_image']:.1f}",
@@ -817,20 +774,16 @@ def markdown_report(results: dict[str, Any]) -> str:
 
 def write_outputs(results: dict[str, Any], output: str | Path, argv: Sequence[str]) -> dict[str, Path]:
     """table.md, results.json and run.json in `output` (created)."""
-    import transformers
-
-    import vlmeff
+    from vlmeff.eval.runner import environment
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(markdown_report(results))
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    run = {"command": "vlmeff " + " ".join(argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "versions": {"vlmeff": vlmeff.__version__, "torch": torch.__version__,
-                        "transformers": transformers.__version__, "python": platform.python_version()},
-           "platform": platform.platform(), "device": results["device"], "dtype": results["model"]["dtype"],
-           "threads": results["threads"], "cpu_count": os.cpu_count(), "load_average": results["load_average"],
-           "bench_s": results["bench_s"], "build_s": results["model"]["build_s"], "config": results["config"]}
+    run = environment(argv, results["config"]["seed"])  # command, seed, time, versions, platform
+    run.update({"device": results["device"], "dtype": results["model"]["dtype"], "threads": results["threads"],
+                "cpu_count": os.cpu_count(), "load_average": results["load_average"], "bench_s": results["bench_s"],
+                "build_s": results["model"]["build_s"], "config": results["config"]})
     (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
     return {"table": out / "table.md", "results": out / "results.json", "run": out / "run.json"}
 

@@ -31,23 +31,33 @@ from vlmeff.eval.parsers import PARSERS
 from vlmeff.eval.pope import LLAVA_PROMPT_SUFFIX, PopeSample
 from vlmeff.images import load_image
 from vlmeff.registry import STRATEGIES
-from vlmeff.spec import describe, parse_spec
+from vlmeff.spec import describe, parse_spec, preset_names
+
+
+def takes_budget(spec: str) -> bool:
+    """Whether `spec` runs once per --budgets value: its first strategy has a per-image `keep` and the spec gives
+    no budget of its own (keep=, ratio=, iterations=, shift=, dominant=), and it is not a YAML file or preset."""
+    text = spec.strip()
+    if text.lower() in ("vanilla", "none", "", BLIND) or text.endswith((".yaml", ".yml")) or text in preset_names():
+        return False
+    if re.search(r"\b(keep|ratio|iterations|shift|dominant)=", text):
+        return False
+    name = text.partition("+")[0].partition(":")[0].strip()
+    return "keep" in {f.name for f in dataclasses.fields(STRATEGIES.get(name))}  # atp, aim-prune: no
 
 
 def budgeted(spec: str, budgets: Sequence[int]) -> list[str]:
-    """"fastervlm" + budgets [64, 32] -> ["fastervlm:keep=64", "fastervlm:keep=32"]; specs with a budget stay."""
+    """"fastervlm" + budgets [64, 32] -> ["fastervlm:keep=64", "fastervlm:keep=32"]; specs with a budget, presets,
+    YAML files and strategies without a per-image budget (atp, aim-prune) stay as given."""
     text = spec.strip()
     if text.lower() in ("vanilla", "none", ""):
         return ["vanilla"]
     if text.lower() == BLIND:
         return [BLIND]
-    if re.search(r"\b(keep|ratio|iterations|shift|dominant)=", text) or text.endswith((".yaml", ".yml")):
+    if not takes_budget(text):
         return [describe(parse_spec(text))]
     first, sep, rest = text.partition("+")
     name, colon, args = first.partition(":")
-    if name.strip() in STRATEGIES.items() and "keep" not in {
-            f.name for f in dataclasses.fields(STRATEGIES.get(name.strip()))}:
-        return [describe(parse_spec(text))]  # no per-image budget (e.g. atp, aim-prune): runs once
     out = []
     for b in budgets:
         item = f"{name}:keep={b}" + (f",{args}" if colon and args else "")

@@ -27,6 +27,8 @@ def test_budget_expansion():
     assert budgeted("fastervlm:scorer=global_query", [8]) == ["fastervlm:keep=8,positions=auto,scorer=global_query"]
     assert budgeted("fastervlm:ratio=0.5", [64, 32]) == ["fastervlm:ratio=0.5,positions=auto,scorer=cls"]
     assert budgeted("vanilla", [64]) == ["vanilla"]
+    assert budgeted("fastervlm-64", [128, 32]) == ["fastervlm:keep=64,positions=auto,scorer=cls"]  # a preset
+    assert budgeted("atp", [128, 32]) == ["atp:positions=auto,shift=0.0,k_min=1"]  # no per-image budget
 
 
 def test_run_appends_and_resumes_without_loss_or_duplicates(loaded, tmp_path, samples, monkeypatch):
