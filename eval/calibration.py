@@ -1,6 +1,6 @@
-"""Calibrating instance-adaptive strategies (training-free ATP) to a mean token budget: `vlmeff calibrate`.
+"""Calibrating instance-adaptive strategies (`atp`, `atp-learned`) to a mean token budget: `vlmeff calibrate`.
 
-ATP's kept counts depend on each image and question, so "ATP at 64 tokens" means: the mass shift whose mean
+ATP's kept counts depend on each image and question, so "ATP at 64 tokens" means: the shift whose mean
 equivalent-token count (visual tokens averaged over the LLM's layers) is 64 on a calibration set. The calibration set
 is disjoint from the evaluated questions: synthetic POPE questions about scenes of the evaluation seed range beyond
 the 500 benchmark images (seeds EVAL_SEED_BASE + 500000 ...), or the first questions of user-given POPE files.
@@ -14,7 +14,7 @@ import torch
 
 import vlmeff
 from vlmeff.eval.pope import PopeSample
-from vlmeff.pruners.atp import ATP, calibrate, mean_equivalent_tokens
+from vlmeff.pruners.atp import ATPScores, calibrate, mean_equivalent_tokens
 from vlmeff.spec import parse_spec
 
 CALIBRATION_SEED_OFFSET = 500_000
@@ -30,13 +30,15 @@ def calibration_samples(num_images: int = 12) -> list[PopeSample]:
 
 
 def calibrate_atp(model, processor, target: float, samples: Sequence[PopeSample], image_loader, *,
-                  spec: str = "atp", batch_size: int = 8, steps: int = 8) -> tuple[ATP, float]:
-    """The ATP (from `spec`, its mass shift replaced) whose mean equivalent tokens on `samples` is closest to target."""
+                  spec: str = "atp", batch_size: int = 8, steps: int = 8) -> tuple[ATPScores, float]:
+    """The atp / atp-learned strategy (from `spec`, its shift replaced) whose mean equivalent tokens on `samples` is
+    closest to target."""
     from vlmeff.eval.pope import LLAVA_PROMPT_SUFFIX
 
     (base,) = parse_spec(spec)
-    if not isinstance(base, ATP):
-        raise ValueError(f"spec={spec!r}: calibration is defined for 'atp' (instance-adaptive counts)")
+    if not isinstance(base, ATPScores):
+        raise ValueError(f"spec={spec!r}: calibration is defined for 'atp' and 'atp-learned' (instance-adaptive "
+                         "counts with a `shift`)")
     processor.tokenizer.padding_side = "left"
     batches = []
     for start in range(0, len(samples), batch_size):

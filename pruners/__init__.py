@@ -3,6 +3,7 @@
 from vlmeff.pruners.aim import AIM
 from vlmeff.pruners.aim_prune import AIMPrune
 from vlmeff.pruners.atp import ATP
+from vlmeff.pruners.atp_learned import ATPLearned
 from vlmeff.pruners.fastervlm import FasterVLM
 from vlmeff.pruners.fastv import FastV
 from vlmeff.pruners.flowcut import FlowCut, FlowCutLLM
@@ -10,4 +11,4 @@ from vlmeff.pruners.pool import Pool
 from vlmeff.pruners.random import RandomPruner
 from vlmeff.pruners.visionzip import VisionZip
 
-__all__ = ["AIM", "AIMPrune", "ATP", "FasterVLM", "FastV", "FlowCut", "FlowCutLLM", "Pool", "RandomPruner", "VisionZip"]
+__all__ = ["AIM", "AIMPrune", "ATP", "ATPLearned", "FasterVLM", "FastV", "FlowCut", "FlowCutLLM", "Pool", "RandomPruner", "VisionZip"]

@@ -41,7 +41,7 @@ def reference_prefill(model, inputs, prune_after, select):
 
     select(layer, logits [B, H, S, S], samples) -> per sample the kept indices into its visual tokens (ascending),
     where samples[b] = dict(visual=positions [n], text_after=positions, cells=[n], num_visual=V0, last=int,
-    valid=[S] bool).
+    valid=[S] bool, hidden=[S, D] the layer's output).
     """
     lm = model.model.language_model
     image_id = model.config.image_token_id
@@ -69,7 +69,7 @@ def reference_prefill(model, inputs, prune_after, select):
                 text = ((~is_visual[row]) & valid[row]).nonzero().squeeze(1)
                 samples.append(dict(visual=visual, text_after=text[text > first], cells=cells[row, visual],
                                     num_visual=num_visual[row], last=int(valid[row].nonzero().max()),
-                                    valid=valid[row]))
+                                    valid=valid[row], hidden=hidden[row]))
             chosen = select(i, logits, samples)
             keep = valid.clone()
             for row, (sample, kept) in enumerate(zip(samples, chosen)):

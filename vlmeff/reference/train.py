@@ -89,7 +89,124 @@ def scene_turns(scene_seed: int, epoch: int) -> tuple[object, list[tuple[str, st
     return example.image, turns
 
 
-class Trainer:
+class ResumableTrainer:
+    """The loop, learning-rate schedule, logging and safetensors checkpoints every vlmeff training command shares.
+
+    A subclass sets `cfg` (with out, steps, warmup, checkpoint_every, max_hours), `params` ({name: trainable
+    tensor}), `optimizer` and `base_lrs` (one per param group), and implements `step_loss(step)` -> (loss, extra
+    log fields) and `save_weights()`; `compat_keys` name the config entries a resumed run must share.
+    """
+
+    compat_keys: tuple[str, ...] = ()
+
+    def _start(self) -> None:
+        self.step = 0
+        self.log_path = Path(self.cfg.out) / "train_log.jsonl"
+        self.cpu_seconds = 0.0
+
+    def step_loss(self, step: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def save_weights(self) -> None:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        """JSON-able training state beyond parameters and optimizer (restored by `load_extra_state` on resume)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.cfg.warmup:
+            return (step + 1) / self.cfg.warmup
+        progress = (step - self.cfg.warmup) / max(1, self.cfg.steps - self.cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def train(self) -> None:
+        out = Path(self.cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        start = time.time()
+        self.model.train()
+        while self.step < self.cfg.steps:
+            t0, c0 = time.time(), time.process_time()
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * self.lr_factor(self.step)
+            loss, extra = self.step_loss(self.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), 1.0)
+            self.optimizer.step()
+            self.step += 1
+            self.cpu_seconds += time.process_time() - c0
+            with self.log_path.open("a") as f:
+                f.write(json.dumps({"step": self.step, "loss": round(loss.item(), 5), **extra,
+                                    "step_s": round(time.time() - t0, 3)}) + "\n")
+            done = self.step >= self.cfg.steps
+            out_of_time = self.cfg.max_hours is not None and time.time() - start > self.cfg.max_hours * 3600
+            if done or out_of_time or self.step % self.cfg.checkpoint_every == 0:
+                self.checkpoint()
+            if out_of_time:
+                break
+        self.model.eval()
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"param.{n}": p.detach().float().cpu().contiguous() for n, p in self.params.items()}
+        index = {id(p): n for n, p in self.params.items()}
+        for p, st in self.optimizer.state.items():
+            name = index[id(p)]
+            for key in ("exp_avg", "exp_avg_sq"):
+                tensors[f"adam.{key}.{name}"] = st[key].detach().float().cpu().contiguous()
+            tensors[f"adam.step.{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+        return tensors
+
+    def checkpoint(self) -> None:
+        out = Path(self.cfg.out)
+        tmp = out / "checkpoint.safetensors.tmp"
+        save_file(self._state_tensors(), str(tmp))
+        tmp.replace(out / "checkpoint.safetensors")
+        state = {"step": self.step, "cpu_seconds_total": self.cpu_seconds, "config": self.cfg.to_dict(),
+                 "extra": self.extra_state()}
+        (out / "state.json.tmp").write_text(json.dumps(state, indent=1))
+        (out / "state.json.tmp").replace(out / "state.json")
+        self.save_weights()
+
+    def resume(self) -> None:
+        out = Path(self.cfg.out)
+        if not (out / "state.json").is_file():
+            return
+        state = json.loads((out / "state.json").read_text())
+        saved = dict(state["config"])
+        for key in self.compat_keys:
+            mine = json.loads(json.dumps(self.cfg.to_dict()[key]))  # tuples -> lists, as stored
+            if saved.get(key) != mine:
+                raise ValueError(f"cannot resume {out}: it was trained with {key}={saved.get(key)!r}, now {mine!r}")
+        tensors = load_file(str(out / "checkpoint.safetensors"))
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(tensors[f"param.{n}"].to(p.dtype))
+        for name, p in self.params.items():
+            if f"adam.step.{name}" not in tensors:
+                continue
+            self.optimizer.state[p] = {
+                "step": tensors[f"adam.step.{name}"][0].clone(),
+                "exp_avg": tensors[f"adam.exp_avg.{name}"].to(p.device),
+                "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"].to(p.device),
+            }
+        self.step = state["step"]
+        self.cpu_seconds = state.get("cpu_seconds_total", 0.0)
+        self.load_extra_state(state.get("extra", {}))
+        # drop log lines past the checkpoint so an interrupted run never duplicates steps
+        if self.log_path.is_file():
+            lines = [ln for ln in self.log_path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
+            self.log_path.write_text("".join(ln + "\n" for ln in lines))
+
+
+class Trainer(ResumableTrainer):
+    compat_keys = ("num_scenes", "seed", "reference")
+
     def __init__(self, model, processor, cfg: TrainConfig, device: str | None = None):
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -120,9 +237,7 @@ class Trainer:
             {"params": lora_params, "lr": cfg.lr_lora},
         ], weight_decay=cfg.weight_decay)
         self.base_lrs = [cfg.lr_projector, cfg.lr_lora]
-        self.step = 0
-        self.log_path = Path(cfg.out) / "train_log.jsonl"
-        self.cpu_seconds = 0.0
+        self._start()
 
     # --- data -----------------------------------------------------------------------------------------------
     def batch_for(self, step: int):
@@ -155,89 +270,12 @@ class Trainer:
             logits = model.lm_head(hs[:-1][where])  # only supervised positions: the 49k-vocab head is costly
         return torch.nn.functional.cross_entropy(logits.float(), targets[where])
 
-    def lr_factor(self, step: int) -> float:
-        if step < self.cfg.warmup:
-            return (step + 1) / self.cfg.warmup
-        progress = (step - self.cfg.warmup) / max(1, self.cfg.steps - self.cfg.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    def step_loss(self, step: int) -> tuple[torch.Tensor, dict]:
+        return self.loss(*self.batch_for(step)), {}
 
-    def train(self) -> None:
-        out = Path(self.cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        self.resume()
-        start = time.time()
-        self.model.train()
-        while self.step < self.cfg.steps:
-            t0, c0 = time.time(), time.process_time()
-            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-                group["lr"] = base * self.lr_factor(self.step)
-            loss = self.loss(*self.batch_for(self.step))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), 1.0)
-            self.optimizer.step()
-            self.step += 1
-            self.cpu_seconds += time.process_time() - c0
-            with self.log_path.open("a") as f:
-                f.write(json.dumps({"step": self.step, "loss": round(loss.item(), 5),
-                                    "step_s": round(time.time() - t0, 3)}) + "\n")
-            done = self.step >= self.cfg.steps
-            out_of_time = self.cfg.max_hours is not None and time.time() - start > self.cfg.max_hours * 3600
-            if done or out_of_time or self.step % self.cfg.checkpoint_every == 0:
-                self.checkpoint()
-            if out_of_time:
-                break
-        self.model.eval()
-
-    # --- checkpoints ----------------------------------------------------------------------------------------
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"param.{n}": p.detach().float().cpu().contiguous() for n, p in self.params.items()}
-        index = {id(p): n for n, p in self.params.items()}
-        for p, st in self.optimizer.state.items():
-            name = index[id(p)]
-            for key in ("exp_avg", "exp_avg_sq"):
-                tensors[f"adam.{key}.{name}"] = st[key].detach().float().cpu().contiguous()
-            tensors[f"adam.step.{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
-        return tensors
-
-    def checkpoint(self) -> None:
-        out = Path(self.cfg.out)
-        tmp = out / "checkpoint.safetensors.tmp"
-        save_file(self._state_tensors(), str(tmp))
-        tmp.replace(out / "checkpoint.safetensors")
-        state = {"step": self.step, "cpu_seconds_total": self.cpu_seconds, "config": self.cfg.to_dict()}
-        (out / "state.json.tmp").write_text(json.dumps(state, indent=1))
-        (out / "state.json.tmp").replace(out / "state.json")
-        save_trained(out / "reference.safetensors", self.export(), self.ref,
+    def save_weights(self) -> None:
+        save_trained(Path(self.cfg.out) / "reference.safetensors", self.export(), self.ref,
                      extra={"step": self.step, "cpu_seconds_total": round(self.cpu_seconds, 1)})
-
-    def resume(self) -> None:
-        out = Path(self.cfg.out)
-        if not (out / "state.json").is_file():
-            return
-        state = json.loads((out / "state.json").read_text())
-        saved = dict(state["config"])
-        for key in ("num_scenes", "seed", "reference"):
-            mine = json.loads(json.dumps(self.cfg.to_dict()[key]))  # tuples -> lists, as stored
-            if saved[key] != mine:
-                raise ValueError(f"cannot resume {out}: it was trained with {key}={saved[key]!r}, now {mine!r}")
-        tensors = load_file(str(out / "checkpoint.safetensors"))
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(tensors[f"param.{n}"].to(p.dtype))
-        for p in self.params.values():
-            name = next(n for n, q in self.params.items() if q is p)
-            self.optimizer.state[p] = {
-                "step": tensors[f"adam.step.{name}"][0].clone(),
-                "exp_avg": tensors[f"adam.exp_avg.{name}"].to(p.device),
-                "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"].to(p.device),
-            }
-        self.step = state["step"]
-        self.cpu_seconds = state.get("cpu_seconds_total", 0.0)
-        # drop log lines past the checkpoint so an interrupted run never duplicates steps
-        if self.log_path.is_file():
-            lines = [ln for ln in self.log_path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
-            self.log_path.write_text("".join(ln + "\n" for ln in lines))
 
     def init_from(self, path: str | Path) -> None:
         """Start from trained weights in the asset format (e.g. the shipped assets/reference file), with a fresh

@@ -1,0 +1,313 @@
+"""ATP-LLaVA's learned pruning module, `atp-learned` (arXiv 2412.00447; METHODS.md "ATP").
+
+EXPERIMENTAL: no official code exists. vlmeff trains the paper's module on its reference model with the LLM frozen
+(`vlmeff reference train-atp`); the spatial score S_sp and the exact MLP inputs are vlmeff's reading of the paper.
+
+At each ATP point (the layers of `atp`), per sample, from the scores `atp` also uses (S_self, S_cross: see
+`vlmeff.pruners.atp`) and the layer's output hidden states:
+  features = [mean, std, max of n S_self], [mean, std, max of n S_cross]   (n = current visual tokens: 1 = uniform)
+             ++ LayerNorm(mean of the hidden states of the sample's visual tokens and the text after them);
+  (th_red, th_sp) = sigmoid(MLP_point(features)) - shift       (one MLP per point: Linear, GELU, Linear);
+  margin_j = max(S_red_j - th_red, S_sp_j - th_sp),  S_red = (minmax S_self + minmax S_cross) / 2 in [0, 1],
+             S_sp = `spatial_score` (how coarse a uniform lattice still contains the token, in [0, 1]).
+Inference (hard cut): keep the visual tokens with margin > 0 (at least k_min, by S_red), remove the others for all
+later layers; original positions. Training (`SoftATP`): soft mask m_j = sigmoid(temperature * margin_j), multiplied
+over the points, enters every later layer's attention as an additive log m_j on key j (a query always keeps its own
+key, as in DynamicViT); loss = LM loss + lambda (E - target)^2 with E the layer-averaged expected kept fraction of
+visual tokens, i.e. equivalent tokens / V. Hard and soft agree on which side of 0.5 a token's m falls.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmeff.llm_stage import _OBSERVERS, RECORDING_ATTENTION, AttentionInputs
+from vlmeff.pruners.atp import ATPScores, redundancy, redundancy_scores, spatial_score
+from vlmeff.registry import register_strategy
+from vlmeff.strategy import NotApplicableError, StrategyError
+
+WEIGHTS_NAME = "atp_learned.safetensors"
+NUM_SCORE_FEATURES = 6
+
+
+class ThresholdMLPs(nn.Module):
+    """One small MLP per ATP point: features [.., 6 + D] -> thresholds (th_red, th_sp) [.., 2] in (0, 1)."""
+
+    def __init__(self, hidden_size: int, num_points: int, width: int = 64):
+        super().__init__()
+        self.hidden_size, self.num_points, self.width = hidden_size, num_points, width
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(NUM_SCORE_FEATURES + hidden_size, width), nn.GELU(), nn.Linear(width, 2))
+            for _ in range(num_points))
+        for mlp in self.mlps:  # start at th = 0.5 for every input; training moves it
+            nn.init.zeros_(mlp[2].weight)
+            nn.init.zeros_(mlp[2].bias)
+
+    def features(self, s_self: torch.Tensor, s_cross: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """[6 + D] features of one sample: s_self / s_cross [n] raw scores, pooled [D] mean hidden state."""
+        n = s_self.numel()
+        stats = []
+        for s in (s_self.float() * n, s_cross.float() * n):
+            stats += [s.mean(), s.std(unbiased=False), s.max()]
+        return torch.cat([torch.stack(stats), self.norm(pooled.float())])
+
+    def forward(self, point: int, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.mlps[point](features))
+
+
+def keep_margin(s_red: torch.Tensor, s_sp: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """[n] margin = max(S_red - th_red, S_sp - th_sp): keep where > 0 (hard); soft mask = sigmoid(t * margin)."""
+    return torch.maximum(s_red - thresholds[0], s_sp - thresholds[1])
+
+
+def pooled_hidden(hidden: torch.Tensor, visual: torch.Tensor, text_after: torch.Tensor,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[D] mean of one sample's hidden states [S, D] over its visual tokens (weighted by `weights` [n], the soft
+    mask in training) and the text after them."""
+    w_vis = torch.ones(visual.numel(), device=hidden.device) if weights is None else weights
+    total = (hidden[visual].float() * w_vis[:, None]).sum(0) + hidden[text_after].float().sum(0)
+    return total / (w_vis.sum() + text_after.numel()).clamp(min=1e-6)
+
+
+def save_thresholds(path: str | Path, module: ThresholdMLPs, meta: dict[str, Any]) -> Path:
+    """Write the MLPs (safetensors, atomically) with `meta` (points, num_layers, training setup) as JSON metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "hidden_size": module.hidden_size, "num_points": module.num_points, "width": module.width}
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata={"atp_learned": json.dumps(meta)})
+    tmp.replace(path)
+    return path
+
+
+_LOADED: dict[tuple[str, float], tuple[ThresholdMLPs, dict[str, Any]]] = {}
+
+
+def load_thresholds(path: str | Path) -> tuple[ThresholdMLPs, dict[str, Any]]:
+    """(MLPs in eval mode, metadata) from a file written by `save_thresholds` (cached per file and mtime)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise StrategyError(f"atp-learned: no threshold weights at {path}; train them with `vlmeff reference "
+                            "train-atp` (reference model) and pass weights=<file>")
+    key = (str(path.resolve()), path.stat().st_mtime)
+    if key not in _LOADED:
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {})["atp_learned"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            module = ThresholdMLPs(meta["hidden_size"], meta["num_points"], meta["width"])
+            module.load_state_dict(tensors)
+        except Exception as e:  # safetensors raises its own error type for a corrupt header
+            raise StrategyError(f"atp-learned: {path} is not an atp-learned weights file ({e})") from None
+        _LOADED[key] = (module.eval(), meta)
+    return _LOADED[key]
+
+
+def default_weights() -> Path:
+    """The MLPs vlmeff trained for its reference model (assets/reference/atp_learned.safetensors)."""
+    from vlmeff.reference.model import asset_dir
+
+    return asset_dir() / WEIGHTS_NAME
+
+
+@register_strategy
+@dataclass
+class ATPLearned(ATPScores):
+    """ATP-LLaVA's learned thresholds (trained on the reference model, LLM frozen; experimental).
+
+    weights: a file from `vlmeff reference train-atp` (default: the one shipped for the reference model); its
+    points and hidden size must match the model. shift: subtracted from both learned thresholds (more tokens when
+    > 0; `vlmeff calibrate --strategy atp-learned` tunes it to another budget). k_min: kept at least per sample.
+    """
+
+    name = "atp-learned"
+    summary = ("in-LLM, EXPERIMENTAL learned ATP: per-point MLPs predict redundancy and spatial thresholds "
+               "(trained on the reference model with the LLM frozen: `vlmeff reference train-atp`)")
+    paper = "arXiv 2412.00447"
+    training_free = False
+    experimental = True
+    shift_range = (-1.0, 1.0)
+
+    weights: str | None = None
+    shift: float = 0.0
+    k_min: int = 1
+
+    def __post_init__(self):
+        ATPScores.__post_init__(self)
+        if self.k_min < 0:
+            raise StrategyError(f"atp-learned.k_min={self.k_min}: must be >= 0")
+        if not -1.0 <= self.shift <= 1.0:
+            raise StrategyError(f"atp-learned.shift={self.shift}: must be in [-1, 1] (thresholds live in (0, 1))")
+
+    def thresholds(self) -> tuple[ThresholdMLPs, dict[str, Any]]:
+        return load_thresholds(self.weights or default_weights())
+
+    def check_applicable(self, connector) -> None:
+        module, meta = self.thresholds()
+        config = connector.model.config.text_config
+        if config.hidden_size != module.hidden_size or config.num_hidden_layers != meta["num_layers"]:
+            raise NotApplicableError(
+                f"atp-learned: the weights {self.weights or default_weights()} were trained for an LLM of "
+                f"{meta['num_layers']} layers and hidden size {module.hidden_size} ({meta.get('model', '?')}); this "
+                f"one has {config.num_hidden_layers} and {config.hidden_size}. Train thresholds for it with "
+                "`vlmeff reference train-atp` and pass weights=<file>, or use the training-free `atp`")
+
+    def prune_layers(self, num_layers: int) -> list[int]:
+        module, meta = self.thresholds()
+        points = list(meta["points"])
+        if self.points is not None and super().prune_layers(num_layers) != points:
+            raise StrategyError(f"atp-learned.points={self.points!r}: the weights were trained at layers {points}")
+        return points
+
+    def select(self, layer, view, state) -> list[torch.Tensor | None]:
+        module, _ = self.thresholds()
+        point = self.prune_layers(view.num_layers).index(layer)
+        kept = []
+        for b, (sample, scores) in enumerate(zip(view.samples, state["scores"])):
+            if scores is None:
+                kept.append(None)
+                continue
+            s_self, s_cross = scores
+            device = view.hidden.device
+            pooled = pooled_hidden(view.hidden[b], sample.visual.to(device), sample.text_after.to(device))
+            with torch.no_grad():
+                module.to(pooled.device)
+                th = module(point, module.features(s_self.to(device), s_cross.to(device), pooled)) - self.shift
+            s_red = redundancy(s_self, s_cross).to(device)
+            s_sp = spatial_score(sample.cells, sample.images, view.grids).to(device)
+            keep = keep_margin(s_red, s_sp, th) > 0
+            if int(keep.sum()) < min(self.k_min, keep.numel()):
+                order = torch.sort(s_red, descending=True, stable=True).indices
+                keep[order[:self.k_min]] = True
+            kept.append(None if bool(keep.all()) else keep.nonzero().squeeze(1))
+        return kept
+
+
+class SoftATP:
+    """Training-time ATP on a LLaVA-style model: soft masks instead of removal, gradients into the MLPs.
+
+    Use as a context manager around forward calls of one sample (batch 1). Every call fills `expected_fraction`
+    (E, a differentiable scalar: the layer-averaged expected kept fraction of visual tokens) and `hard_fraction`
+    (what the hard cut at inference would keep, for logging). The model's text backbone must be on the
+    ``vlmeff_sdpa`` attention (`vlmeff.llm_stage.RECORDING_ATTENTION`), which hands the point layers' attention
+    inputs to this object.
+
+    visual: [S] bool, the visual tokens of the sample; prompt_end: tokens before it are the prompt (S_cross reads
+    only the text queries of the prompt, never the supervised answer); grid: (t, h, w) of the image's tokens.
+    """
+
+    def __init__(self, model, module: ThresholdMLPs, points: list[int], temperature: float = 10.0):
+        self.model, self.module, self.points, self.temperature = model, module, list(points), temperature
+        self.layers = list(model.model.language_model.layers)
+        if model.config.text_config._attn_implementation != RECORDING_ATTENTION:
+            raise NotApplicableError("SoftATP: set the text backbone's attention to 'vlmeff_sdpa' first")
+        self._handles: list[Any] = []
+        self.visual: torch.Tensor | None = None
+        self.prompt_end = 0
+        self.grid: tuple[int, int, int] = (1, 1, 1)
+
+    def __enter__(self) -> SoftATP:
+        for index, layer in enumerate(self.layers):
+            if index > self.points[0]:
+                self._handles.append(layer.register_forward_pre_hook(self._pre_layer, with_kwargs=True))
+            if index in self.points:
+                self._handles.append(layer.register_forward_hook(self._post_layer(index), with_kwargs=True))
+                _OBSERVERS[id(layer.self_attn)] = self._observe
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for layer in self.layers:
+            _OBSERVERS.pop(id(layer.self_attn), None)
+
+    def prepare(self, visual: torch.Tensor, prompt_end: int, grid: tuple[int, int, int]) -> None:
+        """Set up the next forward call (one sample)."""
+        self.visual, self.prompt_end, self.grid = visual, prompt_end, grid
+        self.log_mask = torch.zeros(int(visual.sum()), device=visual.device)  # cumulative log m of visual tokens
+        self.alive = torch.ones(int(visual.sum()), dtype=torch.bool, device=visual.device)  # the hard cut's tokens
+        self.bias: torch.Tensor | None = None
+        self.fractions: list[torch.Tensor] = []  # expected kept fraction after each point
+        self.hard: list[int] = []
+
+    # --- hooks ----------------------------------------------------------------------------------------------
+    def _observe(self, module, query, key, value, mask, scaling):
+        positions = self.visual.nonzero().squeeze(1)
+        start = int(positions[0])
+        text = torch.arange(int(positions[-1]) + 1, self.prompt_end, device=positions.device)
+        with torch.no_grad():  # scores as at inference: over the tokens the hard cut would still have
+            rows = torch.arange(start, query.shape[2], device=query.device)
+            probs = AttentionInputs(query, key, value, mask, scaling).probabilities(rows).mean(1)[0]  # [R, S]
+            self._scores = redundancy_scores(probs, positions[self.alive], text, start)
+
+    def _post_layer(self, index: int):
+        def hook(module, args, kwargs, output):
+            hidden = output[0] if isinstance(output, tuple) else output  # [1, S, D]
+            s_self, s_cross = self._scores
+            alive = self.alive
+            positions = self.visual.nonzero().squeeze(1)
+            text = torch.arange(int(positions[-1]) + 1, self.prompt_end, device=hidden.device)
+            pooled = pooled_hidden(hidden[0].detach(), positions, text, alive.float())  # as at inference
+            point = self.points.index(index)
+            th = self.module(point, self.module.features(s_self, s_cross, pooled))  # [2], differentiable
+            # S_red over the alive tokens as at inference; removed ones stay removed through log_mask
+            s_red = torch.zeros(positions.numel(), device=hidden.device)
+            s_red[alive] = redundancy(s_self, s_cross)
+            cells = torch.arange(positions.numel(), device=hidden.device) % (self.grid[1] * self.grid[2])
+            s_sp = spatial_score(cells, torch.zeros_like(cells), [self.grid])
+            margin = keep_margin(s_red, s_sp, th)
+            self.alive = alive & (margin.detach() > 0)
+            self.hard.append(int(self.alive.sum()))
+            self.log_mask = self.log_mask + F.logsigmoid(self.temperature * margin)
+            self.fractions.append(self.log_mask.exp().mean())
+            self.bias = self._key_bias(hidden.shape[1], hidden.dtype)
+            return None
+        return hook
+
+    def _key_bias(self, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """[1, 1, S, S] additive mask: causal, plus log m_j on visual key columns j (0 on the diagonal)."""
+        device = self.log_mask.device
+        minimum = torch.finfo(dtype).min
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        columns = torch.zeros(length, device=device, dtype=self.log_mask.dtype)
+        columns = columns.masked_scatter(self.visual, self.log_mask)  # [S] log m on visual columns
+        bias = columns[None, :].expand(length, length) * (1 - torch.eye(length, device=device))
+        return torch.where(causal, bias.to(dtype), torch.full((), minimum, dtype=dtype, device=device))[None, None]
+
+    def _pre_layer(self, module, args, kwargs):
+        if self.bias is None:
+            return None
+        kwargs["attention_mask"] = self.bias
+        return args, kwargs
+
+    # --- results ----------------------------------------------------------------------------------------------
+    def expected_fraction(self) -> torch.Tensor:
+        """E: layer-averaged expected fraction of the visual tokens (differentiable; equivalent tokens / V)."""
+        return self._layer_average(self.fractions, torch.ones((), device=self.log_mask.device))
+
+    def hard_fraction(self) -> float:
+        """The same average for the hard cut (counts of tokens with m > 0.5 after each point)."""
+        total = max(int(self.visual.sum()), 1)
+        return float(self._layer_average([h / total for h in self.hard], 1.0))
+
+    def _layer_average(self, after_points: list, full) -> torch.Tensor:
+        num = len(self.layers)
+        bounds = self.points + [num - 1]
+        total = full * (self.points[0] + 1)
+        for k, fraction in enumerate(after_points):
+            total = total + fraction * (bounds[k + 1] - bounds[k])
+        return total / num
