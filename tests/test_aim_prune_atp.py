@@ -18,15 +18,20 @@ from vlmeff.strategy import StrategyError
 PROMPTS = ["What is in the image?", "Is there a dog in the image? Answer yes or no, please.", "Describe it."]
 
 
-@pytest.fixture(scope="module")
-def llava(loaded):
+def sharpened_llava(loaded, seed: int):
+    """The tiny CLIP LLaVA with a deeper LLM whose attention is sharper than random init, so scores differ."""
     model, processor = loaded("llava-clip")
-    deep = deepen(model, seed=1)
-    with torch.no_grad():  # sharper attention than random init, so that scores differ between tokens
+    deep = deepen(model, seed=seed)
+    with torch.no_grad():
         for layer in deep.model.language_model.layers:
             layer.self_attn.q_proj.weight.mul_(6.0)
             layer.self_attn.k_proj.weight.mul_(6.0)
     return deep, processor
+
+
+@pytest.fixture(scope="module")
+def llava(loaded):
+    return sharpened_llava(loaded, seed=1)
 
 
 def ranked(score, k):
@@ -90,16 +95,22 @@ def test_aim_merge_then_prune_generates(llava):
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
+def plain_scores(logits, sample):
+    """ATP's (S_self [n], S_cross [n]) of one sample, by plain loops over the head-mean attention of `logits`."""
+    a = torch.softmax(logits, dim=-1).mean(0)  # [S, S]
+    vis, n, text = sample["visual"].tolist(), sample["visual"].numel(), sample["text_after"].tolist()
+    s_self = torch.tensor([float(sum(a[vis[i], vis[j]] for i in range(j, n)) / (n - j)) for j in range(n)])
+    s_cross = torch.tensor([float(sum(a[t, vis[j]] for t in text) / len(text)) for j in range(n)])
+    return s_self, s_cross
+
+
 def atp_select(points, masses, strides, grid_w, grid_h, k_min=1):
     def select(layer, logits, samples):
         point = points.index(layer)
         out = []
         for b, s in enumerate(samples):
-            a = torch.softmax(logits[b], dim=-1).mean(0)  # [S, S]
-            vis, n = s["visual"].tolist(), s["visual"].numel()
-            s_self = torch.tensor([float(sum(a[vis[i], vis[j]] for i in range(j, n)) / (n - j)) for j in range(n)])
-            s_cross = torch.tensor([float(sum(a[t, vis[j]] for t in s["text_after"].tolist()) / len(s["text_after"]))
-                                    for j in range(n)])
+            n = s["visual"].numel()
+            s_self, s_cross = plain_scores(logits[b], s)
             norm = [(x - x.min()) / (x.max() - x.min()) for x in (s_self, s_cross)]
             red = (norm[0] + norm[1]) / 2
             order = sorted(range(n), key=lambda j: (-float(red[j]), j))

@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 from llm_reference import reference_prefill
-from test_aim_prune_atp import PROMPTS
-from test_llm_stage import deepen
+from test_aim_prune_atp import PROMPTS, plain_scores, sharpened_llava
 
 import vlmeff
 from conftest import make_image, make_inputs
@@ -22,13 +21,7 @@ from vlmeff.strategy import NotApplicableError, StrategyError
 
 @pytest.fixture(scope="module")
 def llava(loaded):
-    model, processor = loaded("llava-clip")
-    deep = deepen(model, seed=2)
-    with torch.no_grad():  # sharper attention than random init, so that scores differ between tokens
-        for layer in deep.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
-    return deep, processor
+    return sharpened_llava(loaded, seed=2)
 
 
 def random_thresholds(model, points, seed=0, width=8) -> ThresholdMLPs:
@@ -66,11 +59,8 @@ def learned_select(points, module, grid_h, grid_w, shift=0.0):
         point = points.index(layer)
         out = []
         for b, s in enumerate(samples):
-            a = torch.softmax(logits[b], dim=-1).mean(0)  # [S, S]
-            vis, n = s["visual"].tolist(), s["visual"].numel()
-            text = s["text_after"].tolist()
-            s_self = torch.tensor([sum(float(a[vis[i], vis[j]]) for i in range(j, n)) / (n - j) for j in range(n)])
-            s_cross = torch.tensor([sum(float(a[t, vis[j]]) for t in text) / len(text) for j in range(n)])
+            vis, n, text = s["visual"].tolist(), s["visual"].numel(), s["text_after"].tolist()
+            s_self, s_cross = plain_scores(logits[b], s)
             stats = []
             for x in (s_self * n, s_cross * n):
                 stats += [float(x.mean()), float(((x - x.mean()) ** 2).mean().sqrt()), float(x.max())]

@@ -65,3 +65,26 @@ def test_answers_held_out_questions_correctly(held_out_answers):
 
     correct = [parse_official(r["answer"]) == r["label"] for r in held_out_answers]
     assert sum(correct) >= 0.75 * len(correct), [(r["answer"], r["label"]) for r in held_out_answers]
+
+
+def test_shipped_atp_learned_thresholds_prune_per_instance(reference):
+    """The atp-learned MLPs trained on this model: they load by default, remove tokens per sample, near their target."""
+    import vlmeff
+    from vlmeff.eval.pope import load_synthetic, synthetic_image
+    from vlmeff.pruners.atp_learned import default_weights, load_thresholds
+
+    if not default_weights().is_file():
+        pytest.skip("no trained atp-learned weights in assets/")
+    model, processor = reference
+    _, meta = load_thresholds(default_weights())
+    samples = [s for s in load_synthetic(num_images=2) if s.split == "random"][:6]
+    texts = [processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": s.text}]}], add_generation_prompt=True) for s in samples]
+    inputs = processor(images=[synthetic_image(s) for s in samples], text=texts, return_tensors="pt", padding=True)
+    with vlmeff.wrap(model, processor, "atp-learned") as vm:
+        vm(**inputs)
+        per_sample = vm.stats.per_sample_equivalent_tokens
+    assert len(set(round(x, 3) for x in per_sample)) > 1  # instance-adaptive
+    mean = sum(per_sample) / len(per_sample)
+    target = meta["config"]["target_tokens"]
+    assert 0.5 * target <= mean <= 2 * target, (mean, target)
