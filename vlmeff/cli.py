@@ -149,7 +149,7 @@ def _cmd_reference(args) -> int:
 
         set_threads()
         cfg = ATPTrainConfig(out=args.out, target_tokens=args.target_tokens, budget_weight=args.budget_weight,
-                             temperature=args.temperature, points=args.atp_points, steps=args.steps or 600,
+                             temperature=args.temperature, points=args.atp_points, steps=args.steps or 800,
                              num_scenes=args.num_scenes, seed=args.seed, max_hours=args.max_hours,
                              checkpoint_every=args.checkpoint_every, lr=args.lr)
         model, processor = load_reference(source=args.source)
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--json-out", default=None)
     ref.add_argument("--out", default="runs/reference-train", help="train / train-atp: checkpoint folder (resumes "
                      "if present)")
-    ref.add_argument("--steps", type=int, default=None, help="default: 3000 (train), 600 (train-atp)")
+    ref.add_argument("--steps", type=int, default=None, help="default: 3000 (train), 800 (train-atp)")
     ref.add_argument("--num-scenes", type=int, default=8000)
     ref.add_argument("--feature-layer", type=int, default=-5)
     ref.add_argument("--checkpoint-every", type=int, default=50)
@@ -280,10 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--target-tokens", type=float, default=64.0, help="train-atp: equivalent visual tokens (layer "
                      "average) the budget term aims at")
-    ref.add_argument("--budget-weight", type=float, default=10.0, help="train-atp: lambda of (E - target)^2")
+    ref.add_argument("--budget-weight", type=float, default=50.0, help="train-atp: lambda of (E - target)^2")
     ref.add_argument("--temperature", type=float, default=10.0, help="train-atp: soft mask sharpness")
     ref.add_argument("--atp-points", default=None, help="train-atp: '/'-separated layers (default: atp's)")
-    ref.add_argument("--lr", type=float, default=1e-3, help="train-atp: AdamW learning rate")
+    ref.add_argument("--lr", type=float, default=5e-4, help="train-atp: AdamW learning rate")
     ref.set_defaults(fn=_cmd_reference)
     return parser
 

@@ -33,7 +33,7 @@ from vlmeff.reference.train import CAPTION_PROMPT, POPE_SUFFIX, ResumableTrainer
 class ATPTrainConfig:
     out: str = "runs/atp-learned"
     target_tokens: float = 64.0  # equivalent visual tokens (layer average) the budget term aims at
-    budget_weight: float = 10.0  # lambda
+    budget_weight: float = 50.0  # lambda
     temperature: float = 10.0  # soft mask sharpness t
     width: int = 64  # MLP hidden width
     points: str | None = None  # '/'-separated decoder layers; default: atp's (scaled from 2/6/12/18 of 32)
@@ -41,7 +41,7 @@ class ATPTrainConfig:
     num_scenes: int = 8000
     caption_share: float = 0.2
     budget_decay: float = 0.9  # EMA of the budget term's batch mean (see the module docstring)
-    lr: float = 1e-3
+    lr: float = 5e-4
     warmup: int = 20
     checkpoint_every: int = 25
     seed: int = 0
