@@ -91,6 +91,16 @@ def save_thresholds(path: str | Path, module: ThresholdMLPs, meta: dict[str, Any
     return path
 
 
+def untrained_thresholds(text_config, path: str | Path, points: str | None = None, width: int = 64) -> Path:
+    """Write MLPs with the training's initial state (both thresholds 0.5 for every input) for an LLM of this
+    config: what `atp-learned` costs on a model nobody trained thresholds for (e.g. `vlmeff bench`'s random model).
+    Its selections are not ATP-LLaVA's; use it for cost measurements only."""
+    layers = ATPScores(points=points).prune_layers(text_config.num_hidden_layers)
+    module = ThresholdMLPs(text_config.hidden_size, len(layers), width)
+    return save_thresholds(path, module, {"points": layers, "num_layers": text_config.num_hidden_layers,
+                                          "model": "untrained (cost measurements only)"})
+
+
 _LOADED: dict[tuple[str, float], tuple[ThresholdMLPs, dict[str, Any]]] = {}
 
 

@@ -191,6 +191,20 @@ def test_weights_errors(llava, tmp_path, loaded):
     assert meta["points"] == [1, 3] and meta["model"] == "tiny" and module.num_points == 2
 
 
+def test_untrained_thresholds_are_one_half_everywhere(llava, tmp_path):
+    from vlmeff.pruners.atp_learned import untrained_thresholds
+
+    model, processor = llava
+    path = untrained_thresholds(model.config.text_config, tmp_path / "u.safetensors", points="1/3")
+    module, meta = load_thresholds(path)
+    assert meta["points"] == [1, 3] and "untrained" in meta["model"]
+    features = torch.randn(3, 6 + module.hidden_size)
+    assert torch.equal(module(0, features), torch.full((3, 2), 0.5))
+    with vlmeff.wrap(model, processor, f"atp-learned:weights={path}") as vm:
+        vm(**make_inputs(processor, [PROMPTS[0]], [[make_image(19)]]))
+    assert 0 < vm.stats.equivalent_tokens < vm.last_record[0].num_tokens
+
+
 def test_calibrate_shift_of_the_learned_thresholds(llava, tmp_path):
     model, processor = llava
     path = save(tmp_path, model, random_thresholds(model, [1, 3], seed=7), [1, 3])
