@@ -12,9 +12,10 @@ At each ATP point (the layers of `atp`), per sample, from the scores `atp` also 
              S_sp = `spatial_score` (how coarse a uniform lattice still contains the token, in [0, 1]).
 Inference (hard cut): keep the visual tokens with margin > 0 (at least k_min, by S_red), remove the others for all
 later layers; original positions. Training (`SoftATP`): soft mask m_j = sigmoid(temperature * margin_j), multiplied
-over the points, enters every later layer's attention as an additive log m_j on key j (a query always keeps its own
-key, as in DynamicViT); loss = LM loss + lambda (E - target)^2 with E the layer-averaged expected kept fraction of
-visual tokens, i.e. equivalent tokens / V. Hard and soft agree on which side of 0.5 a token's m falls.
+over the points; the forward pass applies the hard cut (key j weighted by 0 / 1 in every later layer's attention,
+DynamicViT's masked softmax) and the gradient goes through the soft masks (straight-through); loss = LM loss +
+lambda (E - target)^2 with E the layer-averaged kept fraction of visual tokens (equivalent tokens / V). Hard cut and
+soft mask agree on which side of 0.5 a token falls.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmeff.llm_stage import _OBSERVERS, RECORDING_ATTENTION, AttentionInputs
+from vlmeff.llm_stage import _OBSERVERS, _REPLACEMENTS, RECORDING_ATTENTION, AttentionInputs
 from vlmeff.pruners.atp import ATPScores, redundancy, redundancy_scores, spatial_score
 from vlmeff.registry import register_strategy
 from vlmeff.strategy import NotApplicableError, StrategyError
@@ -207,16 +208,22 @@ class ATPLearned(ATPScores):
 
 
 class SoftATP:
-    """Training-time ATP on a LLaVA-style model: soft masks instead of removal, gradients into the MLPs.
+    """Training-time ATP on a LLaVA-style model: the hard cut in the forward pass, the soft masks' gradient into
+    the MLPs (straight-through), for forward calls of one sample (batch 1), used as a context manager.
 
-    Use as a context manager around forward calls of one sample (batch 1). Every call fills `expected_fraction`
-    (E, a differentiable scalar: the layer-averaged expected kept fraction of visual tokens) and `hard_fraction`
-    (what the hard cut at inference would keep, for logging). The model's text backbone must be on the
-    ``vlmeff_sdpa`` attention (`vlmeff.llm_stage.RECORDING_ATTENTION`), which hands the point layers' attention
-    inputs to this object.
+    In every layer after a point, attention weights key j by G_j (DynamicViT's masked softmax:
+    exp(s_ij) G_j / sum_k exp(s_ik) G_k, a query always keeping its own key), with
+    G_j = hard_j + soft_j - stop_gradient(soft_j): hard_j = 1 while token j passed every point so far (margin > 0),
+    soft_j = the product of sigmoid(temperature * margin_j) over those points. So the forward pass is exactly the
+    inference forward with the pruned tokens removed (later points score only the kept tokens too), and the loss
+    reaches the thresholds through the soft masks. (With the soft masks in the forward pass, as METHODS.md words
+    it, a token at m = 0.3 still feeds the later layers; measured on the reference model, thresholds trained that
+    way kept too little at inference; see the model card.) `expected_fraction()` is the layer-averaged kept
+    fraction E with the same straight-through rule. The text backbone must run ``vlmeff_sdpa``
+    (`vlmeff.llm_stage.RECORDING_ATTENTION`), which lets this object observe and replace the attention it needs.
 
-    visual: [S] bool, the visual tokens of the sample; prompt_end: tokens before it are the prompt (S_cross reads
-    only the text queries of the prompt, never the supervised answer); grid: (t, h, w) of the image's tokens.
+    prepare(visual [S] bool, prompt_end, grid) before each call: tokens before prompt_end are the prompt (S_cross
+    reads only its text queries, never the supervised answer); grid: (t, h, w) of the image's tokens.
     """
 
     def __init__(self, model, module: ThresholdMLPs, points: list[int], temperature: float = 10.0):
@@ -232,7 +239,7 @@ class SoftATP:
     def __enter__(self) -> SoftATP:
         for index, layer in enumerate(self.layers):
             if index > self.points[0]:
-                self._handles.append(layer.register_forward_pre_hook(self._pre_layer, with_kwargs=True))
+                _REPLACEMENTS[id(layer.self_attn)] = self._weighted_attention
             if index in self.points:
                 self._handles.append(layer.register_forward_hook(self._post_layer(index), with_kwargs=True))
                 _OBSERVERS[id(layer.self_attn)] = self._observe
@@ -244,24 +251,52 @@ class SoftATP:
         self._handles = []
         for layer in self.layers:
             _OBSERVERS.pop(id(layer.self_attn), None)
+            _REPLACEMENTS.pop(id(layer.self_attn), None)
 
     def prepare(self, visual: torch.Tensor, prompt_end: int, grid: tuple[int, int, int]) -> None:
         """Set up the next forward call (one sample)."""
         self.visual, self.prompt_end, self.grid = visual, prompt_end, grid
-        self.log_mask = torch.zeros(int(visual.sum()), device=visual.device)  # cumulative log m of visual tokens
-        self.alive = torch.ones(int(visual.sum()), dtype=torch.bool, device=visual.device)  # the hard cut's tokens
-        self.bias: torch.Tensor | None = None
-        self.fractions: list[torch.Tensor] = []  # expected kept fraction after each point
+        n = int(visual.sum())
+        self.log_soft = torch.zeros(n, device=visual.device)  # sum over points of log sigmoid(t * margin)
+        self.alive = torch.ones(n, dtype=torch.bool, device=visual.device)  # the hard cut's tokens
+        self.fractions: list[torch.Tensor] = []  # kept fraction after each point (straight-through)
         self.hard: list[int] = []
 
+    def key_weights(self) -> torch.Tensor:
+        """[S] G: 1 for text keys, hard + soft - stop_gradient(soft) for visual keys."""
+        soft = self.log_soft.exp()
+        weights = torch.ones(self.visual.shape[0], device=soft.device, dtype=soft.dtype)
+        return weights.masked_scatter(self.visual, self.alive.float() + soft - soft.detach())
+
     # --- hooks ----------------------------------------------------------------------------------------------
+    def _weighted_attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        """[1, S, H, hd]: softmax attention with key j weighted by G_j (own key always 1), causal."""
+        groups = query.shape[1] // key.shape[1]
+        k, v = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        length = query.shape[2]
+        scores = torch.einsum("bhqd,bhkd->bhqk", query.float(), k.float()) * scaling
+        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)  # [1, H, S, S]
+        eye = torch.eye(length, device=query.device)
+        weights = self.key_weights()[None, :] * (1 - eye) + eye  # [S, S]
+        probs = probs * weights
+        probs = probs / probs.sum(-1, keepdim=True)
+        out = torch.einsum("bhqk,bhkd->bhqd", probs.to(v.dtype), v)
+        return out.transpose(1, 2).contiguous(), None
+
     def _observe(self, module, query, key, value, mask, scaling):
         positions = self.visual.nonzero().squeeze(1)
         start = int(positions[0])
         text = torch.arange(int(positions[-1]) + 1, self.prompt_end, device=positions.device)
-        with torch.no_grad():  # scores as at inference: over the tokens the hard cut would still have
-            rows = torch.arange(start, query.shape[2], device=query.device)
-            probs = AttentionInputs(query, key, value, mask, scaling).probabilities(rows).mean(1)[0]  # [R, S]
+        length = query.shape[2]
+        present = torch.ones(length, dtype=torch.bool, device=query.device)
+        present[positions[~self.alive]] = False  # removed tokens are no keys (as at inference)
+        allowed = torch.ones(length, length, dtype=torch.bool, device=query.device).tril() & present[None, :]
+        allowed |= torch.eye(length, dtype=torch.bool, device=query.device)
+        with torch.no_grad():
+            rows = torch.arange(start, length, device=query.device)
+            attention = AttentionInputs(query, key, value, allowed[None, None], scaling)
+            probs = attention.probabilities(rows).mean(1)[0]  # [R, S]
             self._scores = redundancy_scores(probs, positions[self.alive], text, start)
 
     def _post_layer(self, index: int):
@@ -274,7 +309,7 @@ class SoftATP:
             pooled = pooled_hidden(hidden[0].detach(), positions, text, alive.float())  # as at inference
             point = self.points.index(index)
             th = self.module(point, self.module.features(s_self, s_cross, pooled))  # [2], differentiable
-            # S_red over the alive tokens as at inference; removed ones stay removed through log_mask
+            # S_red over the kept tokens as at inference; removed ones stay removed (alive)
             s_red = torch.zeros(positions.numel(), device=hidden.device)
             s_red[alive] = redundancy(s_self, s_cross)
             cells = torch.arange(positions.numel(), device=hidden.device) % (self.grid[1] * self.grid[2])
@@ -282,35 +317,19 @@ class SoftATP:
             margin = keep_margin(s_red, s_sp, th)
             self.alive = alive & (margin.detach() > 0)
             self.hard.append(int(self.alive.sum()))
-            self.log_mask = self.log_mask + F.logsigmoid(self.temperature * margin)
-            self.fractions.append(self.log_mask.exp().mean())
-            self.bias = self._key_bias(hidden.shape[1], hidden.dtype)
+            self.log_soft = self.log_soft + F.logsigmoid(self.temperature * margin)
+            soft = self.log_soft.exp()
+            self.fractions.append((self.alive.float() + soft - soft.detach()).mean())
             return None
         return hook
 
-    def _key_bias(self, length: int, dtype: torch.dtype) -> torch.Tensor:
-        """[1, 1, S, S] additive mask: causal, plus log m_j on visual key columns j (0 on the diagonal)."""
-        device = self.log_mask.device
-        minimum = torch.finfo(dtype).min
-        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-        columns = torch.zeros(length, device=device, dtype=self.log_mask.dtype)
-        columns = columns.masked_scatter(self.visual, self.log_mask)  # [S] log m on visual columns
-        bias = columns[None, :].expand(length, length) * (1 - torch.eye(length, device=device))
-        return torch.where(causal, bias.to(dtype), torch.full((), minimum, dtype=dtype, device=device))[None, None]
-
-    def _pre_layer(self, module, args, kwargs):
-        if self.bias is None:
-            return None
-        kwargs["attention_mask"] = self.bias
-        return args, kwargs
-
     # --- results ----------------------------------------------------------------------------------------------
     def expected_fraction(self) -> torch.Tensor:
-        """E: layer-averaged expected fraction of the visual tokens (differentiable; equivalent tokens / V)."""
-        return self._layer_average(self.fractions, torch.ones((), device=self.log_mask.device))
+        """E: layer-averaged kept fraction of the visual tokens (the hard cut's value, the soft masks' gradient)."""
+        return self._layer_average(self.fractions, torch.ones((), device=self.log_soft.device))
 
     def hard_fraction(self) -> float:
-        """The same average for the hard cut (counts of tokens with m > 0.5 after each point)."""
+        """The same average as a number."""
         total = max(int(self.visual.sum()), 1)
         return float(self._layer_average([h / total for h in self.hard], 1.0))
 

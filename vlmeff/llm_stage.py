@@ -35,11 +35,14 @@ from vlmeff.strategy import LLMPruner, NotApplicableError
 
 RECORDING_ATTENTION = "vlmeff_sdpa"
 _OBSERVERS: dict[int, Any] = {}  # id(attention module) -> callback(module, query, key, value, mask, scaling)
+# id(attention module) -> an attention function used instead of SDPA (same signature; atp-learned's training masks)
+_REPLACEMENTS: dict[int, Any] = {}
 
 
 def _recording_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """SDPA, plus a call to the observer registered for this attention module (if any)."""
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    """SDPA (or the replacement registered for this module), plus a call to its observer (if any)."""
+    attention = _REPLACEMENTS.get(id(module), sdpa_attention_forward)
+    out = attention(module, query, key, value, attention_mask, **kwargs)
     observer = _OBSERVERS.get(id(module))
     if observer is not None:
         observer(module, query, key, value, attention_mask, kwargs.get("scaling"))

@@ -3,15 +3,17 @@
 Each step is one synthetic training scene (the reference world's training seeds, disjoint from the benchmark's) and
 one of its turns, asked as at evaluation: the image, a yes/no question (or, with probability `caption_share`, the
 caption request) and its supervised answer. The model runs whole, with `SoftATP`'s soft masks in the layers after
-each point; the loss is the answer's LM loss + lambda (E - target / V)^2 (METHODS.md "ATP"). Only the MLPs train.
+each point (the hard cut forward, the soft masks' gradient); the loss is the answer's LM loss +
+lambda (E - target / V)^2 (METHODS.md "ATP"). Only the MLPs train.
 
 Two choices of vlmeff's, because one sample makes a step here (the paper's batches are large):
 - E is the batch mean of the paper's loss, estimated as a running mean over steps (EMA, decay `budget_decay`) in
   which the current sample enters with weight 1 - decay; penalising each sample's own count instead would push
   every instance to the same count and undo the adaptivity.
 - The value of E is the hard cut's (tokens with m > 0.5 at every point, as inference keeps them) with the soft
-  mask's gradient (straight-through): the product of soft masks over points is lower than the hard count (a token at
-  m = 0.7 at four points has 0.24 in the product and is kept), so a soft-only budget overshoots at inference.
+  mask's gradient (straight-through), like the forward pass (`SoftATP`): the product of soft masks over points is
+  lower than the hard count (a token at m = 0.7 at four points has 0.24 in the product and is kept), so a soft-only
+  budget overshoots at inference.
 Seeded and resumable like `vlmeff reference train` (`ResumableTrainer`): checkpoints every `checkpoint_every`
 steps; the threshold weights (`atp_learned.safetensors`) are written with every checkpoint.
 """
@@ -122,17 +124,14 @@ class ATPTrainer(ResumableTrainer):
             self.soft.prepare(visual, prompt_len, grid)
             logits = self.model(**inputs, logits_to_keep=keep).logits[0]  # [A, vocab]
         lm = torch.nn.functional.cross_entropy(logits.float(), targets)
-        soft = self.soft.expected_fraction()
-        hard = self.soft.hard_fraction()
-        fraction = soft - soft.detach() + hard  # value of the hard cut, gradient of the soft masks
+        fraction = self.soft.expected_fraction()  # the hard cut's value, the soft masks' gradient
         decay = self.cfg.budget_decay if self.budget_mean is not None else 0.0
         mean = decay * (self.budget_mean or 0.0) + (1 - decay) * fraction
         self.budget_mean = float(mean.detach())
-        target = min(1.0, self.cfg.target_tokens / float(visual.sum()))
-        loss = lm + self.cfg.budget_weight * (mean - target) ** 2
         num = float(visual.sum())
-        return loss, {"lm": round(lm.item(), 5), "soft_tokens": round(soft.item() * num, 2),
-                      "hard_tokens": round(hard * num, 2), "mean_tokens": round(self.budget_mean * num, 2)}
+        loss = lm + self.cfg.budget_weight * (mean - min(1.0, self.cfg.target_tokens / num)) ** 2
+        return loss, {"lm": round(lm.item(), 5), "hard_tokens": round(float(fraction.detach()) * num, 2),
+                      "mean_tokens": round(self.budget_mean * num, 2)}
 
     def save_weights(self) -> None:
         save_thresholds(Path(self.cfg.out) / WEIGHTS_NAME, self.module, {
