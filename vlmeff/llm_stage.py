@@ -87,20 +87,14 @@ class AttentionInputs:
         if self.mask is None:
             return (torch.arange(num, device=rows.device)[None, :] <= rows[:, None])[None, None]
         mask = self.mask[:, :, rows] if self.mask.shape[2] > 1 else self.mask
-        mask = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        mask = mask if mask.dtype == torch.bool else mask == 0
         # padding query rows attend to nothing in transformers' masks: let them see themselves (finite, never read)
         diagonal = torch.arange(num, device=rows.device)[None, :] == rows[:, None]  # [R, S]
         return mask | (diagonal & ~mask.any(-1, keepdim=True))
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """[B, H, R, S] float32 scaled scores of the query rows `rows` over all keys, masked positions -inf.
-
-        A float mask is additive, as SDPA applies it (soft biases such as `atp-learned`'s training masks included);
-        entries at the dtype's minimum count as masked."""
+        """[B, H, R, S] float32 scaled scores of the query rows `rows` over all keys, masked positions -inf."""
         scores = torch.einsum("bhrd,bhsd->bhrs", self.query[:, :, rows].float(), self.keys) * self.scaling
-        if self.mask is not None and self.mask.is_floating_point():
-            bias = self.mask[:, :, rows] if self.mask.shape[2] > 1 else self.mask
-            scores = scores + bias.float().clamp(min=torch.finfo(torch.float32).min)
         return scores.masked_fill(~self.allowed(rows), float("-inf"))
 
     def probabilities(self, rows: torch.Tensor) -> torch.Tensor:
@@ -117,9 +111,7 @@ class AttentionInputs:
         else:
             full = self.mask.expand(rows.numel(), -1, -1, -1)
             mask = full[batch, 0, rows] if full.shape[2] > 1 else full[:, 0, 0]  # [B, S]
-            allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-            if mask.is_floating_point():  # additive, as in `logits`
-                scores = scores + mask[:, None].float().clamp(min=torch.finfo(torch.float32).min)
+            allowed = mask if mask.dtype == torch.bool else mask == 0
         return torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
 
 
