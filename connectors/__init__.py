@@ -1,6 +1,6 @@
 """vlmeff.connectors: one module per model family; importing this package registers them."""
 
-from vlmeff.connectors.base import Connector, ImageSlot, VisionProbe
+from vlmeff.connector import Connector, ImageSlot, VisionProbe
 from vlmeff.connectors.llava import LlavaConnector
 from vlmeff.connectors.qwen2_vl import Qwen2VLConnector, Qwen2VLImageOnlyProcessor
 

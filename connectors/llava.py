@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from vlmeff.connectors.base import Connector, VisionProbe
-from vlmeff.connectors.vision_towers import cls_attention_row, vit_spec
+from vlmeff.attention_rows import cls_attention_row
+from vlmeff.connector import Connector, VisionProbe
+from vlmeff.connectors.vision_towers import vit_spec
 from vlmeff.kernels import gather_tokens
 from vlmeff.registry import register_connector
 from vlmeff.strategy import NotApplicableError, TokenReducer

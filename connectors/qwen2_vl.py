@@ -25,7 +25,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.processing_utils import ProcessorMixin
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
-from vlmeff.connectors.base import Connector, ImageSlot, VisionProbe, assign_slots, find_runs
+from vlmeff.attention_rows import global_query_attention
+from vlmeff.connector import Connector, ImageSlot, VisionProbe, assign_slots, find_runs
 from vlmeff.kernels import gather_tokens
 from vlmeff.registry import register_connector
 from vlmeff.strategy import NotApplicableError, SelectionRecord, TokenReducer
@@ -94,15 +95,6 @@ def block_qkv(block: torch.nn.Module, hidden: torch.Tensor, position_embeddings:
     q = q.float() * cos + _rotate_half(q.float()) * sin
     k = k.float() * cos + _rotate_half(k.float()) * sin
     return q, k, v.float()
-
-
-def global_query_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """FlowCut's "global token" row: softmax attention of the mean query of one image's patches over its patches.
-
-    q, k: [n, H, hd] (one image) -> [n], mean over heads.
-    """
-    q_global = q.mean(0)  # [H, hd]
-    return torch.softmax(torch.einsum("hd,nhd->hn", q_global, k) * scale, dim=-1).mean(0)
 
 
 def _group_rows(x: torch.Tensor, groups: torch.Tensor, unit: int) -> torch.Tensor:

@@ -83,13 +83,3 @@ def vit_spec(vision_config) -> ViTSpec:
     return spec
 
 
-def cls_attention_row(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
-    """Softmax attention of the [CLS] query over all keys, per head, in float32.
-
-    q_cls: [I, 1, H*hd], keys: [I, T, H*hd] -> [I, H, T] (column 0 is the [CLS] key itself).
-    """
-    num_images, num_keys, width = keys.shape
-    head_dim = width // num_heads
-    q = q_cls.float().view(num_images, 1, num_heads, head_dim).transpose(1, 2)  # [I, H, 1, hd]
-    k = keys.float().view(num_images, num_keys, num_heads, head_dim).transpose(1, 2)  # [I, H, T, hd]
-    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)[:, :, 0]  # [I, H, T]

@@ -14,7 +14,7 @@ import torch
 
 import vlmeff
 from vlmeff.eval.pope import PopeSample
-from vlmeff.pruners.atp import ATPScores, calibrate, mean_equivalent_tokens
+from vlmeff.pruners.in_llm.atp import ATPScores, calibrate, mean_equivalent_tokens
 from vlmeff.spec import parse_spec
 
 CALIBRATION_SEED_OFFSET = 500_000

@@ -1,14 +1,14 @@
 """vlmeff.pruners: one module per token-reduction method; importing this package registers them."""
 
-from vlmeff.pruners.aim import AIM
-from vlmeff.pruners.aim_prune import AIMPrune
-from vlmeff.pruners.atp import ATP
-from vlmeff.pruners.atp_learned import ATPLearned
-from vlmeff.pruners.fastervlm import FasterVLM
-from vlmeff.pruners.fastv import FastV
-from vlmeff.pruners.flowcut import FlowCut, FlowCutLLM
-from vlmeff.pruners.pool import Pool
-from vlmeff.pruners.random import RandomPruner
-from vlmeff.pruners.visionzip import VisionZip
+from vlmeff.pruners.in_llm.aim_prune import AIMPrune
+from vlmeff.pruners.in_llm.atp import ATP
+from vlmeff.pruners.in_llm.atp.learned import ATPLearned
+from vlmeff.pruners.in_llm.fastv import FastV
+from vlmeff.pruners.pre_llm.aim import AIM
+from vlmeff.pruners.pre_llm.fastervlm import FasterVLM
+from vlmeff.pruners.pre_llm.pool import Pool
+from vlmeff.pruners.pre_llm.random import RandomPruner
+from vlmeff.pruners.pre_llm.visionzip import VisionZip
+from vlmeff.pruners.vision.flowcut import FlowCut, FlowCutLLM
 
 __all__ = ["AIM", "AIMPrune", "ATP", "ATPLearned", "FasterVLM", "FastV", "FlowCut", "FlowCutLLM", "Pool", "RandomPruner", "VisionZip"]

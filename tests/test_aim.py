@@ -10,8 +10,8 @@ import torch
 
 import vlmeff
 from conftest import make_image, make_inputs
-from vlmeff.connectors.base import VisionProbe
-from vlmeff.pruners.aim import AIM, bipartite_assignment, merge_schedule
+from vlmeff.connector import VisionProbe
+from vlmeff.pruners.pre_llm.aim import AIM, bipartite_assignment, merge_schedule
 from vlmeff.spec import parse_spec
 from vlmeff.strategy import ImageTokens, NotApplicableError, SelectionRecord, StrategyError
 

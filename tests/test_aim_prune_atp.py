@@ -11,8 +11,8 @@ from test_llm_stage import deepen, layer_lengths
 
 import vlmeff
 from conftest import greedy, make_image, make_inputs
-from vlmeff.pruners.aim_prune import AIMPrune
-from vlmeff.pruners.atp import ATP, calibrate, mean_equivalent_tokens
+from vlmeff.pruners.in_llm.aim_prune import AIMPrune
+from vlmeff.pruners.in_llm.atp import ATP, calibrate, mean_equivalent_tokens
 from vlmeff.strategy import StrategyError
 
 PROMPTS = ["What is in the image?", "Is there a dog in the image? Answer yes or no, please.", "Describe it."]

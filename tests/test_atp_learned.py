@@ -14,8 +14,14 @@ from test_aim_prune_atp import PROMPTS, plain_scores, sharpened_llava
 import vlmeff
 from conftest import make_image, make_inputs
 from vlmeff.llm_stage import RECORDING_ATTENTION
-from vlmeff.pruners.atp import calibrate, mean_equivalent_tokens, spatial_score
-from vlmeff.pruners.atp_learned import ATPLearned, SoftATP, ThresholdMLPs, load_thresholds, save_thresholds
+from vlmeff.pruners.in_llm.atp import calibrate, mean_equivalent_tokens, spatial_score
+from vlmeff.pruners.in_llm.atp.learned import (
+    ATPLearned,
+    SoftATP,
+    ThresholdMLPs,
+    load_thresholds,
+    save_thresholds,
+)
 from vlmeff.strategy import NotApplicableError, StrategyError
 
 
@@ -195,7 +201,7 @@ def test_weights_errors(llava, tmp_path, loaded):
 
 
 def test_untrained_thresholds_are_one_half_everywhere(llava, tmp_path):
-    from vlmeff.pruners.atp_learned import untrained_thresholds
+    from vlmeff.pruners.in_llm.atp.learned import untrained_thresholds
 
     model, processor = llava
     path = untrained_thresholds(model.config.text_config, tmp_path / "u.safetensors", points="1/3")

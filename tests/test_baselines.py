@@ -11,10 +11,10 @@ import torch
 
 import vlmeff
 from conftest import generate_recording_lengths, greedy, make_image, make_inputs
-from vlmeff.connectors.base import VisionProbe
-from vlmeff.pruners.pool import Pool
-from vlmeff.pruners.random import RandomPruner
-from vlmeff.pruners.visionzip import VisionZip, split_budget
+from vlmeff.connector import VisionProbe
+from vlmeff.pruners.pre_llm.pool import Pool
+from vlmeff.pruners.pre_llm.random import RandomPruner
+from vlmeff.pruners.pre_llm.visionzip import VisionZip, split_budget
 from vlmeff.spec import build_pipeline, parse_spec
 from vlmeff.strategy import ImageTokens, NotApplicableError, SelectionRecord, StrategyError
 

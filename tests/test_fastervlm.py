@@ -7,7 +7,7 @@ import torch
 
 import vlmeff
 from conftest import make_image, make_inputs
-from vlmeff.connectors.vision_towers import cls_attention_row
+from vlmeff.attention_rows import cls_attention_row
 from vlmeff.strategy import NotApplicableError, topk_sorted
 
 

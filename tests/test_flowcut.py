@@ -10,7 +10,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 import vlmeff
-import vlmeff.pruners.flowcut  # noqa: F401  (registers "flowcut")
+import vlmeff.pruners.vision.flowcut  # noqa: F401  (registers "flowcut")
 from conftest import generate_recording_lengths, greedy, make_image, make_inputs
 from vlmeff.connectors.llava import LlavaConnector
 from vlmeff.strategy import ProbeUnavailableError

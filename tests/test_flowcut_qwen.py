@@ -11,7 +11,7 @@ from transformers import Qwen2VLForConditionalGeneration
 from transformers.vision_utils import get_vision_position_ids
 
 import vlmeff
-import vlmeff.pruners.flowcut  # noqa: F401  (registers "flowcut")
+import vlmeff.pruners.vision.flowcut  # noqa: F401  (registers "flowcut")
 from conftest import generate_recording_lengths, greedy, make_image, make_inputs
 
 PROMPTS = ["What is in the image?", "Is there a dog? Answer yes or no.", "Describe the picture."]

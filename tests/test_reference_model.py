@@ -71,7 +71,7 @@ def test_shipped_atp_learned_thresholds_prune_per_instance(reference):
     """The atp-learned MLPs trained on this model: they load by default, remove tokens per sample, near their target."""
     import vlmeff
     from vlmeff.eval.pope import load_synthetic, synthetic_image
-    from vlmeff.pruners.atp_learned import default_weights, load_thresholds
+    from vlmeff.pruners.in_llm.atp.learned import default_weights, load_thresholds
 
     if not default_weights().is_file():
         pytest.skip("no trained atp-learned weights in assets/")

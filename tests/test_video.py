@@ -15,7 +15,7 @@ from test_aim import reference_merge
 import vlmeff
 from conftest import llm_input_lengths, make_image
 from vlmeff.connectors.qwen2_vl import video_patches
-from vlmeff.pruners.aim import AIM
+from vlmeff.pruners.pre_llm.aim import AIM
 from vlmeff.spec import parse_spec
 from vlmeff.strategy import NotApplicableError
 from vlmeff.video import VideoError, load_video, read_video

@@ -133,7 +133,7 @@ def _cmd_reference(args) -> int:
 
         import torch
 
-        from vlmeff.pruners.atp_learned import WEIGHTS_NAME
+        from vlmeff.pruners.in_llm.atp.learned import WEIGHTS_NAME
         from vlmeff.reference.model import ASSET_NAME, export_asset
 
         found = [n for n in (ASSET_NAME, WEIGHTS_NAME) if (Path(args.out) / n).is_file()]

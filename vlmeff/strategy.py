@@ -28,7 +28,7 @@ import torch
 from vlmeff.kernels import gather_tokens
 
 if TYPE_CHECKING:
-    from vlmeff.connectors.base import Connector, VisionProbe
+    from vlmeff.connector import Connector, VisionProbe
 
 
 class Stage(str, enum.Enum):

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vlmeff.connectors.base import Connector
+from vlmeff.connector import Connector
 from vlmeff.flops import FlopsBreakdown, prefill_flops
 from vlmeff.llm_stage import LLMSession
 from vlmeff.registry import CONNECTORS

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from vlmeff.pruners.atp import ATPScores
-from vlmeff.pruners.atp_learned import WEIGHTS_NAME, SoftATP, ThresholdMLPs, save_thresholds
+from vlmeff.pruners.in_llm.atp import ATPScores
+from vlmeff.pruners.in_llm.atp.learned import WEIGHTS_NAME, SoftATP, ThresholdMLPs, save_thresholds
 from vlmeff.reference.train import CAPTION_PROMPT, POPE_SUFFIX, ResumableTrainer
 
 

@@ -1,7 +1,7 @@
 """ATP (adaptive token pruning, ATP-LLaVA, arXiv 2412.00447): training-free approximation `atp` (METHODS.md "ATP").
 
 EXPERIMENTAL: the paper's pruning module is learned and no official code exists; `atp` applies its scores
-training-free with fixed mass thresholds. `atp-learned` (vlmeff.pruners.atp_learned) learns the thresholds as the
+training-free with fixed mass thresholds. `atp-learned` (vlmeff.pruners.in_llm.atp.learned) learns the thresholds as the
 paper does, from the same scores (`ATPScores`).
 
 At each ATP point (after decoder layers {2, 6, 12, 18} of a 32-layer LLM, scaled as round(p L / 32) for other

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from vlmeff.connectors.qwen2_vl import global_query_attention
+from vlmeff.attention_rows import global_query_attention
 from vlmeff.registry import register_strategy
 from vlmeff.strategy import (
     Budget,

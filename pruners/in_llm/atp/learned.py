@@ -4,7 +4,7 @@ EXPERIMENTAL: no official code exists. vlmeff trains the paper's module on its r
 (`vlmeff reference train-atp`); the spatial score S_sp and the exact MLP inputs are vlmeff's reading of the paper.
 
 At each ATP point (the layers of `atp`), per sample, from the scores `atp` also uses (S_self, S_cross: see
-`vlmeff.pruners.atp`) and the layer's output hidden states:
+`vlmeff.pruners.in_llm.atp`) and the layer's output hidden states:
   features = [mean, std, max of n S_self], [mean, std, max of n S_cross]   (n = current visual tokens: 1 = uniform)
              ++ LayerNorm(mean of the hidden states of the sample's visual tokens and the text after them);
   (th_red, th_sp) = sigmoid(MLP_point(features)) - shift       (one MLP per point: Linear, GELU, Linear);
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmeff.llm_stage import _OBSERVERS, _REPLACEMENTS, RECORDING_ATTENTION, AttentionInputs
-from vlmeff.pruners.atp import ATPScores, redundancy, redundancy_scores, spatial_score
+from vlmeff.pruners.in_llm.atp import ATPScores, redundancy, redundancy_scores, spatial_score
 from vlmeff.registry import register_strategy
 from vlmeff.strategy import NotApplicableError, StrategyError
 

@@ -1,0 +1,1 @@
+"""In-LLM stage: strategies that remove visual tokens after chosen decoder layers during prefill."""

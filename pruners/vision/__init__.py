@@ -1,0 +1,1 @@
+"""Vision stage: strategies that act inside the vision encoder (between its blocks)."""
