@@ -26,7 +26,7 @@ class LlavaProbe(VisionProbe):
     def __init__(self, connector: LlavaConnector, hidden_states: tuple[torch.Tensor, ...]):
         self.connector = connector
         self.hidden_states = hidden_states
-        self._cls = None
+        self._cls: dict[int, torch.Tensor] = {}
         self._keys: dict[int, torch.Tensor] = {}
 
     def keys(self, image: int, block: int | None = None) -> torch.Tensor:
@@ -42,17 +42,17 @@ class LlavaProbe(VisionProbe):
             self._keys[block] = k.float()  # [I, T, H*hd]
         return self._keys[block][image]
 
-    def cls_attention(self, image: int) -> torch.Tensor:
+    def cls_attention(self, image: int, block: int | None = None) -> torch.Tensor:
         if not self.connector.has_cls:
-            return super().cls_attention(image)
-        if self._cls is None:
+            return super().cls_attention(image, block)
+        block = self.connector.feature_layer_index - 1 if block is None else block  # default: OUTPUT = feature layer
+        if block not in self._cls:
             spec = self.connector.vit
-            layer_index = self.connector.feature_layer_index - 1  # the block whose OUTPUT is the feature layer
-            layer = spec.layers(self.connector.model.model.vision_tower)[layer_index]
+            layer = spec.layers(self.connector.model.model.vision_tower)[block]
             with torch.no_grad():
-                q, k, heads, scale = spec.cls_query_keys(layer, self.hidden_states[layer_index])
-                self._cls = cls_attention_row(q, k, heads, scale)[:, :, 1:]  # [I, H, V] patch columns
-        return self._cls[image]
+                q, k, heads, scale = spec.cls_query_keys(layer, self.hidden_states[block])  # input of block = hs[block]
+                self._cls[block] = cls_attention_row(q, k, heads, scale)[:, :, 1:]  # [I, H, V] patch columns
+        return self._cls[block][image]
 
 
 @register_connector

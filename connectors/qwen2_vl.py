@@ -130,9 +130,9 @@ class _ConcatProbe(VisionProbe):
             image -= count
         raise IndexError(f"image {image}: beyond the {sum(c for _, c in self.parts)} encoded units")
 
-    def cls_attention(self, image: int) -> torch.Tensor:
+    def cls_attention(self, image: int, block: int | None = None) -> torch.Tensor:
         probe, i = self._route(image)
-        return probe.cls_attention(i)
+        return probe.cls_attention(i, block)
 
     def keys(self, image: int, block: int | None = None) -> torch.Tensor:
         probe, i = self._route(image)
@@ -177,6 +177,7 @@ class Qwen2VLConnector(Connector):
     summary = "Qwen2-VL and Qwen2.5-VL: dynamic-resolution grids, 2x2-merged tokens, M-RoPE positions"
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
     default_positions = "preserve"
+    rope = "mrope"
     supported_positions = ("preserve",)
 
     def __init__(self, model, processor=None):
@@ -421,6 +422,9 @@ class Qwen2VLConnector(Connector):
             image_grid_thw=inputs.get("image_grid_thw"), attention_mask=inputs.get("attention_mask"), **videos,
         )
         return positions  # [3, B, S]
+
+    def layout_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return position_ids[1:]  # [3, B, S] (t, h, w) ids; row 0 of the kwarg is the text position
 
     def finish_positions(self, positions: torch.Tensor, text_positions: torch.Tensor) -> dict[str, Any]:
         # rows: text positions (used for mask creation) + the gathered (t, h, w) M-RoPE ids -> [4, B, S']

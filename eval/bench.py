@@ -404,8 +404,8 @@ class SpecPlan:
 def plan_specs(strategies: Sequence[str] | None, budgets: Sequence[int]) -> list[SpecPlan]:
     """vanilla first, then every strategy once per budget (`vlmeff.eval.runner.budgeted`), without duplicates.
 
-    A spec with keep=/ratio=, a YAML file, a preset, or a strategy without a `keep` parameter (e.g. atp, whose
-    counts are instance-adaptive) runs once as given."""
+    A spec that sets its first strategy's budget (one of its `budget_params`: keep=, ratio=, ...), a YAML file, a
+    preset, or a strategy without a `keep` budget (e.g. atp, whose counts are instance-adaptive) runs once as given."""
     from vlmeff.eval.runner import budgeted, takes_budget
 
     plans = [SpecPlan("vanilla", None, [])]
@@ -630,11 +630,11 @@ def _run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 batch = run_batch_test(model, batch_spec, cfg, bar)
                 batch["why"] = batch_why
             except StrategyError as e:  # report it; the per-strategy rows are still worth writing
-                fallback = f"fastervlm:keep={min(budgets)}"
-                if cfg.batch_strategy is not None or batch_spec.startswith("fastervlm"):
+                fallback = describe(parse_spec(f"fastervlm:keep={min(budgets)}"))
+                if cfg.batch_strategy is not None or batch_spec == fallback:
                     batch = {"spec": batch_spec, "why": batch_why, "error": str(e)}
                 else:  # the automatic choice (atp) cannot run on this model: fall back, say why
-                    batch_spec = describe(parse_spec(fallback))
+                    batch_spec = fallback
                     bar.total += cfg.warmup * 2 + cfg.runs * (1 + cfg.batch_size)
                     batch = run_batch_test(model, batch_spec, cfg, bar)
                     batch["why"] = f"atp failed here ({e}); ragged kept counts from 1 or 2 images per sample"

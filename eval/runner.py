@@ -10,7 +10,6 @@ command, seed, package versions).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import platform
@@ -31,19 +30,18 @@ from vlmeff.eval.parsers import PARSERS
 from vlmeff.eval.pope import LLAVA_PROMPT_SUFFIX, PopeSample
 from vlmeff.images import load_image
 from vlmeff.registry import STRATEGIES
-from vlmeff.spec import describe, parse_spec, preset_names
+from vlmeff.spec import build_items, describe, parse_spec, preset_names, spec_items
 
 
 def takes_budget(spec: str) -> bool:
-    """Whether `spec` runs once per --budgets value: its first strategy has a per-image `keep` and the spec gives
-    no budget of its own (keep=, ratio=, iterations=, shift=, dominant=), and it is not a YAML file or preset."""
+    """Whether `spec` runs once per --budgets value: its first strategy declares `keep` among its `budget_params`
+    and the spec gives none of that strategy's budget parameters; YAML files and presets never do."""
     text = spec.strip()
     if text.lower() in ("vanilla", "none", "", BLIND) or text.endswith((".yaml", ".yml")) or text in preset_names():
         return False
-    if re.search(r"\b(keep|ratio|iterations|shift|dominant)=", text):
-        return False
-    name = text.partition("+")[0].partition(":")[0].strip()
-    return "keep" in {f.name for f in dataclasses.fields(STRATEGIES.get(name))}  # atp, aim-prune: no
+    name, given = spec_items(text)[0]
+    declared = STRATEGIES.get(name).budget_params  # atp, aim-prune: no keep
+    return "keep" in declared and not set(given) & set(declared)
 
 
 def budgeted(spec: str, budgets: Sequence[int]) -> list[str]:
@@ -56,13 +54,13 @@ def budgeted(spec: str, budgets: Sequence[int]) -> list[str]:
         return [BLIND]
     if not takes_budget(text):
         return [describe(parse_spec(text))]
-    first, sep, rest = text.partition("+")
-    name, colon, args = first.partition(":")
-    out = []
-    for b in budgets:
-        item = f"{name}:keep={b}" + (f",{args}" if colon and args else "")
-        out.append(describe(parse_spec(item + (sep + rest if sep else ""))))
-    return out
+    (name, params), *rest = spec_items(text)
+    return [describe(build_items([(name, {"keep": b, **params}), *rest])) for b in budgets]
+
+
+def family(spec: str) -> str:
+    """The plot line of a canonical spec: each strategy's `family()` (its spec without budget parameters)."""
+    return "+".join(s.family() for s in parse_spec(spec))
 
 
 # Reserved spec: the same questions WITHOUT the image (text-only prompt): measures the language prior.
@@ -265,12 +263,11 @@ def plot(summary: dict, path: Path, metric: str = "f1") -> None:
         if spec == BLIND:
             ax_lines.append(("blind (no image)", value))
             continue
-        family = re.sub(r"(keep|ratio|iterations|shift)=[^,+]*,?", "", spec).replace(",+", "+").rstrip(":,")
-        families[family].append((tokens, value))
+        families[family(spec)].append((tokens, value))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for family, points in sorted(families.items()):
+    for name, points in sorted(families.items()):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     if vanilla is not None:
         ax.axhline(vanilla[1], linestyle="--", color="black", label=f"vanilla ({vanilla[0]:.0f} tokens)")
     for label, value in ax_lines:

@@ -13,7 +13,6 @@ from test_aim_prune_atp import PROMPTS, plain_scores, sharpened_llava
 
 import vlmeff
 from conftest import make_image, make_inputs
-from vlmeff.llm_stage import RECORDING_ATTENTION
 from vlmeff.pruners.in_llm.atp import calibrate, mean_equivalent_tokens, spatial_score
 from vlmeff.pruners.in_llm.atp.learned import (
     ATPLearned,
@@ -22,6 +21,7 @@ from vlmeff.pruners.in_llm.atp.learned import (
     load_thresholds,
     save_thresholds,
 )
+from vlmeff.router import ROUTER_ATTENTION as RECORDING_ATTENTION
 from vlmeff.strategy import NotApplicableError, StrategyError
 
 

@@ -244,6 +244,23 @@ def test_errors(llava, loaded):
     with vlmeff.wrap(model, processor, f"fastv:layer={DEPTH}") as vm, pytest.raises(NotApplicableError,
                                                                                     match="outside"):
         vm(**inputs)
-    eager = deepen(model, attn="eager")
-    with vlmeff.wrap(eager, processor, "fastv") as vm, pytest.raises(NotApplicableError, match="sdpa"):
+    flash = deepen(model)
+    flash.config.text_config._attn_implementation = "flash_attention_2"  # takes no custom masks: refused
+    with vlmeff.wrap(flash, processor, "fastv") as vm, pytest.raises(NotApplicableError, match="sdpa"):
         vm(**inputs)
+
+
+def test_eager_backend_equals_sdpa(llava):
+    """The router runs eager attention too (its own model file's function, boolean masks made additive): the same
+    kept tokens and logits as under sdpa, for a ragged batch."""
+    model, processor = llava
+    eager = deepen(model, attn="eager")
+    eager.load_state_dict(model.state_dict())
+    inputs = make_inputs(processor, PROMPTS[:2], [[make_image(14)], [make_image(15)]])
+    out = {}
+    for name, m in (("sdpa", model), ("eager", eager)):
+        with vlmeff.wrap(m, processor, "fastv:ratio=0.5") as vm:
+            out[name] = (vm(**inputs).logits[:, -1], [r.llm_kept for r in vm.last_record])
+    torch.testing.assert_close(out["eager"][0], out["sdpa"][0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(out["eager"][1], out["sdpa"][1]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -103,11 +103,19 @@ def test_composition_rules():
 
     @dataclass
     class Later(ScorePruner):
+        name = "test-decoding"
+        stage = Stage.DECODING
+
+    with pytest.raises(StrategyError, match="stage 'decoding' is not executed"):
+        build_pipeline([Later(keep=3)])
+
+    @dataclass
+    class NotAttention(ScorePruner):
         name = "test-attention"
         stage = Stage.ATTENTION
 
-    with pytest.raises(StrategyError, match="stage 'attention' is not executed"):
-        build_pipeline([Later(keep=3)])
+    with pytest.raises(StrategyError, match="subclass vlmeff.AttentionStrategy"):
+        build_pipeline([NotAttention(keep=3)])
 
     @dataclass
     class NotLLM(ScorePruner):

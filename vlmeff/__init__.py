@@ -10,6 +10,7 @@ from vlmeff.loading import load
 from vlmeff.registry import CONNECTORS, STRATEGIES, register_connector, register_strategy
 from vlmeff.spec import parse_spec
 from vlmeff.strategy import (
+    AttentionStrategy,
     Budget,
     ImageTokens,
     LLMPruner,
@@ -26,7 +27,7 @@ from vlmeff.wrapper import RunStats, VLMWrapper, wrap
 __version__ = "0.1.0"
 
 __all__ = [
-    "CONNECTORS", "STRATEGIES", "Budget", "ImageTokens", "LLMPruner", "NotApplicableError", "RunStats", "ScorePruner",
+    "AttentionStrategy", "CONNECTORS", "STRATEGIES", "Budget", "ImageTokens", "LLMPruner", "NotApplicableError", "RunStats", "ScorePruner",
     "SelectionRecord", "Stage", "Strategy", "StrategyError", "TokenReducer", "VLMWrapper", "load", "parse_spec",
     "register_connector", "register_strategy", "wrap",
 ]

@@ -18,6 +18,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmeff.kernels import compact, gather_tokens
+from vlmeff.layout import TokenLayout
 from vlmeff.strategy import (
     ImageTokens,
     NotApplicableError,
@@ -44,8 +45,9 @@ class VisionProbe:
     Connectors subclass it; a method a tower cannot provide raises `NotApplicableError` naming alternatives.
     """
 
-    def cls_attention(self, image: int) -> torch.Tensor:
-        """[heads, V]: softmax attention of the [CLS] query over all keys of the feature layer, patch columns."""
+    def cls_attention(self, image: int, block: int | None = None) -> torch.Tensor:
+        """[heads, V]: softmax attention of the [CLS] query over all keys inside encoder block `block` (default: the
+        block whose output is the feature layer), patch columns."""
         raise NotApplicableError(
             "this vision tower has no [CLS] token, so [CLS]-attention scores are not defined; use a substitute "
             "score (fastervlm:scorer=global_query, FlowCut's mean-query global token)"
@@ -120,6 +122,8 @@ class Connector:
     # position ids used when a strategy says positions="auto"
     default_positions: ClassVar[str] = "reindex"
     supported_positions: ClassVar[tuple[str, ...]] = ("reindex", "preserve")
+    # "1d": one position id per token; "mrope": Qwen2-VL's (t, h, w) ids (strategies that rewrite positions refuse)
+    rope: ClassVar[str] = "1d"
 
     def __init__(self, model, processor=None):
         self.model = model
@@ -197,6 +201,51 @@ class Connector:
     def passthrough_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Model kwargs to keep when nothing was reduced (beyond input_ids / attention_mask)."""
         return {}
+
+    def layout(self, model_kwargs: dict[str, Any], images: list[ImageTokens]) -> TokenLayout:
+        """The token layout of the spliced LLM input (`assemble`'s output and the tokens that reach the LLM)."""
+        ids = [self.image_token_id]
+        video = getattr(self, "video_token_id", None)
+        if video is not None:
+            ids.append(video)
+        positions = model_kwargs.get("position_ids")
+        layout = TokenLayout.from_splice(model_kwargs["input_ids"], model_kwargs.get("attention_mask"), ids, images,
+                                         None if positions is None else self.layout_positions(positions))
+        return layout.mark_answer(model_kwargs["input_ids"], self.answer_opener_ids())
+
+    def layout_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """The layout's position ids from the model's `position_ids` kwarg (1-D RoPE: as they are)."""
+        return position_ids
+
+    def model_positions(self, layout: TokenLayout) -> torch.Tensor:
+        """The model's `position_ids` kwarg for a layout whose positions a strategy rewrote."""
+        if layout.position_ids is None or layout.position_ids.dim() != 2:
+            raise NotApplicableError(f"the {self.name} connector takes 1-D position ids only")
+        return layout.position_ids
+
+    def answer_opener_ids(self) -> list[int] | None:
+        """Token ids the chat template puts where the assistant turn opens (the generation prompt, e.g. LLaVA-1.5's
+        "ASSISTANT:", Qwen's "<|im_start|>assistant\n"): the ids that `add_generation_prompt=True` adds to a user
+        turn. None without a processor or chat template."""
+        if getattr(self, "_opener", False) is not False:
+            return self._opener
+        self._opener = None
+        processor = self.processor
+        tokenizer = getattr(processor, "tokenizer", processor)
+        if processor is None or getattr(processor, "chat_template", None) is None:
+            return None
+        turn = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+        try:
+            plain = processor.apply_chat_template(turn, add_generation_prompt=False)
+            opened = processor.apply_chat_template(turn, add_generation_prompt=True)
+        except Exception:  # a template that cannot render a bare turn: no opener known
+            return None
+        a, b = tokenizer(plain, add_special_tokens=False).input_ids, tokenizer(opened, add_special_tokens=False).input_ids
+        common = 0
+        while common < min(len(a), len(b)) and a[common] == b[common]:
+            common += 1
+        self._opener = b[common:] or None
+        return self._opener
 
     def frame_indices(self, inputs: dict[str, Any], slots: list[ImageSlot]) -> list[int | None]:
         """Per slot: its frame index within a video the model reads natively (Qwen2-VL's temporal patches), or None

@@ -8,7 +8,7 @@ and "vanilla" mean no strategy. A spec that names an existing .yaml/.yml file, o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,15 @@ from typing import Any
 import yaml
 
 from vlmeff.registry import STRATEGIES
-from vlmeff.strategy import IMPLEMENTED_STAGES, LLMPruner, Stage, Strategy, StrategyError, TokenReducer
+from vlmeff.strategy import (
+    IMPLEMENTED_STAGES,
+    AttentionStrategy,
+    LLMPruner,
+    Stage,
+    Strategy,
+    StrategyError,
+    TokenReducer,
+)
 
 NO_STRATEGY = ("", "none", "vanilla")
 STAGE_ORDER = list(Stage)
@@ -32,7 +40,9 @@ def _preset_path(name: str):
     return candidate if candidate.is_file() else None
 
 
-def _parse_item(text: str) -> Strategy:
+def parse_item(text: str) -> tuple[str, dict[str, str]]:
+    """(name, {key: raw value as given}) of one spec item ``name[:key=value,...]``; the syntax is checked, the
+    strategy is not built."""
     name, _, args = text.strip().partition(":")
     name = name.strip()
     if not name:
@@ -45,7 +55,18 @@ def _parse_item(text: str) -> Strategy:
         if key.strip() in params:
             raise StrategyError(f"{name}: parameter {key.strip()!r} given twice")
         params[key.strip()] = value.strip()
-    return STRATEGIES.get(name).from_params(params)
+    return name, params
+
+
+def spec_items(spec: str) -> list[tuple[str, dict[str, str]]]:
+    """`parse_item` of every item of a spec string: which parameters the user gave (vs defaults), e.g. for the eval
+    budget sweep. The string grammar only: YAML files, presets and "vanilla" are not items."""
+    return [parse_item(item) for item in spec.strip().split("+")]
+
+
+def build_items(items: Iterable[tuple[str, dict[str, Any]]]) -> list[Strategy]:
+    """Validated strategies from (name, raw params) pairs, built in order."""
+    return [STRATEGIES.get(str(name)).from_params(params) for name, params in items]
 
 
 def _from_yaml(text: str, source: str) -> list[Strategy]:
@@ -60,13 +81,13 @@ def _from_yaml(text: str, source: str) -> list[Strategy]:
     items = data["strategies"] or []
     if not isinstance(items, list):
         raise StrategyError(f"{source}: 'strategies' must be a list of mappings with a 'name'")
-    out = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or "name" not in item:
-            raise StrategyError(f"{source}: strategies[{i}] must be a mapping with a 'name'")
-        params = {k: v for k, v in item.items() if k != "name"}
-        out.append(STRATEGIES.get(str(item["name"])).from_params(params))
-    return out
+    return build_items(_yaml_item(i, item, source) for i, item in enumerate(items))
+
+
+def _yaml_item(i: int, item: Any, source: str) -> tuple[str, dict[str, Any]]:
+    if not isinstance(item, dict) or "name" not in item:
+        raise StrategyError(f"{source}: strategies[{i}] must be a mapping with a 'name'")
+    return item["name"], {k: v for k, v in item.items() if k != "name"}
 
 
 def parse_spec(spec: str | Strategy | Sequence[Strategy | str] | None) -> list[Strategy]:
@@ -87,7 +108,7 @@ def parse_spec(spec: str | Strategy | Sequence[Strategy | str] | None) -> list[S
         return _from_yaml(path.read_text(), text)
     if (preset := _preset_path(text)) is not None:
         return _from_yaml(preset.read_text(), f"preset {text!r}")
-    return [_parse_item(item) for item in text.split("+")]
+    return build_items(map(parse_item, text.split("+")))  # lazy: items fail in order, syntax and parameters
 
 
 def build_pipeline(strategies: list[Strategy]) -> list[Strategy]:
@@ -104,6 +125,9 @@ def build_pipeline(strategies: list[Strategy]) -> list[Strategy]:
             )
         if s.stage is Stage.IN_LLM and not isinstance(s, LLMPruner):
             raise StrategyError(f"{s.name}: an in-LLM strategy must subclass vlmeff.LLMPruner (prune_layers / select)")
+        if s.stage is Stage.ATTENTION and not isinstance(s, AttentionStrategy):
+            raise StrategyError(f"{s.name}: an attention-stage strategy must subclass vlmeff.AttentionStrategy "
+                                "(positions / mask_functions / edit_scores)")
     ordered = sorted(strategies, key=lambda s: STAGE_ORDER.index(s.stage))
     for i, s in enumerate(ordered):
         s.check_after(ordered[:i])

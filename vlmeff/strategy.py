@@ -9,6 +9,8 @@ one stage of the pipeline:
 4. ``attention`` - changes prefill masks, positions or scores (NAAViT, MMA, CCA, PAI);
 5. ``decoding``  - changes logits with a second branch (VCD, DAMRO).
 
+Pre-LLM reducers share one loop, `TokenReducer.reduce`: per image a target count (`target_count`); at least the
+current count keeps the image unchanged (identity, exactly the unwrapped model), otherwise `reduce_image` reduces it.
 Score-based pruners subclass `ScorePruner` and implement only `score`; the base class turns the budget into a
 count, ranks deterministically (ties broken by lower index), restores raster order, gathers the kept tokens and
 updates the selection record.
@@ -40,7 +42,7 @@ class Stage(str, enum.Enum):
 
 
 # Stages the wrapper executes in this release; a strategy of another stage is refused with a clear error.
-IMPLEMENTED_STAGES = (Stage.VISION, Stage.PRE_LLM, Stage.IN_LLM)
+IMPLEMENTED_STAGES = (Stage.VISION, Stage.PRE_LLM, Stage.IN_LLM, Stage.ATTENTION)
 POSITION_MODES = ("auto", "reindex", "preserve")
 
 
@@ -203,6 +205,9 @@ class Strategy:
     needs_full_grid: ClassVar[bool] = False
     # "vision": acts on vision features (before the projector); "llm": on projected tokens
     token_space: ClassVar[str] = "vision"
+    # Fields that set how many tokens survive (the budget axis of an eval sweep); each must be a dataclass field.
+    # `vlmeff eval` sweeps --budgets over `keep` only when it is declared here and no budget field was given.
+    budget_params: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Strategy:
@@ -222,7 +227,15 @@ class Strategy:
 
     def spec(self) -> str:
         """Canonical spec string, e.g. ``fastervlm:keep=64,positions=auto`` (parsable by `parse_spec`)."""
-        items = ",".join(f"{k}={v}" for k, v in self.params().items() if v is not None)
+        return self._spec_without(())
+
+    def family(self) -> str:
+        """The canonical spec without the budget parameters, e.g. ``fastervlm:positions=auto,scorer=cls``: what the
+        runs of one method along a budget sweep share (one line per family in the eval plot)."""
+        return self._spec_without(self.budget_params)
+
+    def _spec_without(self, excluded: tuple[str, ...]) -> str:
+        items = ",".join(f"{k}={v}" for k, v in self.params().items() if v is not None and k not in excluded)
         return f"{self.name}:{items}" if items else self.name
 
     def check_applicable(self, connector: Connector) -> None:
@@ -253,7 +266,23 @@ class TokenReducer(Strategy):
             raise StrategyError(f"{self.name}.positions={self.positions!r}: expected one of {', '.join(POSITION_MODES)}")
 
     def reduce(self, images: list[ImageTokens]) -> list[ImageTokens]:
-        """Pre-LLM stage: return the reduced tokens of each image (records updated)."""
+        """Pre-LLM stage: the reduced tokens of each image; every record lists the strategy. An image whose
+        `target_count` is at least its current token count is returned unchanged (identity: exactly the unwrapped
+        model), any other goes through `reduce_image`."""
+        out = []
+        for img, position in zip(images, positions_in_sample(images)):
+            k = self.target_count(img)
+            img.record.strategies.append(self.name)
+            out.append(img if k >= img.features.shape[0] else self.reduce_image(img, k, position))
+        return out
+
+    def target_count(self, image: ImageTokens) -> int:
+        """Pre-LLM stage: how many tokens of `image` survive (>= its current count keeps it unchanged)."""
+        raise NotImplementedError
+
+    def reduce_image(self, image: ImageTokens, k: int, position: int) -> ImageTokens:
+        """Pre-LLM stage: `image` reduced to k (< its current count) tokens, record updated through the returned
+        tokens. position: how many images of the same sample precede it (`positions_in_sample`)."""
         raise NotImplementedError
 
     def prune_layer(self, layer_index: int, layer: torch.nn.Module, hidden_in: torch.Tensor,
@@ -293,6 +322,32 @@ class Budget:
         return max(1, min(num_tokens, round(num_tokens * self.ratio)))
 
 
+@dataclass
+class BudgetReducer(TokenReducer, Budget):
+    """A reducer with a `Budget` (validated): per image, k = round(V_original * ratio), or `keep` tokens."""
+
+    budget_params = ("keep", "ratio")
+
+    def __post_init__(self):
+        TokenReducer.__post_init__(self)
+        self._check_budget(self.name)
+
+    def target_count(self, image: ImageTokens) -> int:
+        """`ratio` counts from the image's original tokens (a later strategy keeps a fraction of the image, not of
+        what an earlier one left); `keep` is the count itself."""
+        return self.kept_count(image.num_original) if self.ratio is not None else self.keep
+
+
+def positions_in_sample(images: list[ImageTokens]) -> list[int]:
+    """For each image, how many images of the same sample (batch row) come before it."""
+    seen: dict[int, int] = {}
+    positions = []
+    for img in images:
+        positions.append(seen.get(img.record.sample, 0))
+        seen[img.record.sample] = positions[-1] + 1
+    return positions
+
+
 def topk_sorted(score: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores, ties broken by lower index, returned in ascending (raster) order.
 
@@ -303,30 +358,15 @@ def topk_sorted(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @dataclass
-class ScorePruner(TokenReducer, Budget):
+class ScorePruner(BudgetReducer):
     """Keep the top-k tokens of each image by `score` (higher = keep); kvpress-style: subclasses define `score`."""
-
-    def __post_init__(self):
-        TokenReducer.__post_init__(self)
-        self._check_budget(self.name)
 
     def score(self, image: ImageTokens) -> torch.Tensor:
         """Return the score of each current token of one image: [V_cur] float32, higher = keep."""
         raise NotImplementedError
 
-    def reduce(self, images: list[ImageTokens]) -> list[ImageTokens]:
-        out = []
-        for img in images:
-            num = img.features.shape[0]
-            k = self.kept_count(img.num_original) if self.ratio is not None else min(self.keep, num)
-            k = min(k, num)
-            if k == num:  # keep everything: identity (exactly the unwrapped model)
-                img.record.strategies.append(self.name)
-                out.append(img)
-                continue
-            img.record.strategies.append(self.name)
-            out.append(img.keep(topk_sorted(self.score(img), k)))  # top-k, raster order
-        return out
+    def reduce_image(self, image: ImageTokens, k: int, position: int) -> ImageTokens:
+        return image.keep(topk_sorted(self.score(image), k))  # top-k, raster order
 
 
 @dataclass
@@ -363,3 +403,48 @@ class LLMPruner(TokenReducer):
         """Per sample, the positions (into `view.samples[b].visual`, ascending) of the visual tokens to keep after
         `layer`, or None to keep all of that sample's visual tokens. `view`: `vlmeff.llm_stage.PrefillView`."""
         raise NotImplementedError
+
+    @staticmethod
+    def keep_top(score: torch.Tensor, k: int) -> torch.Tensor | None:
+        """`select`'s answer for one sample keeping its k best visual tokens by `score` [n]: None (keep all) when
+        k >= n, else their positions ascending (`topk_sorted`)."""
+        return None if k >= score.numel() else topk_sorted(score, k)
+
+
+@dataclass
+class AttentionStrategy(Strategy):
+    """Base of attention-stage strategies: they change what the LLM attends to, not which tokens it gets.
+
+    Everything runs through `vlmeff.llm_stage.LLMSession` on the token layout (`vlmeff.layout.TokenLayout`, which
+    follows every reduction, so masks and positions follow the kept tokens) and the attention router:
+    - `positions(layout)`: a position rule, applied once after the splice (generate continues it in decode);
+    - `mask_functions(layout, state)`: index predicates (transformers' `masking_utils` style) or-ed with causal /
+      and-ed onto it for the prefill mask (re-evaluated on each compacted layout); decode steps stay causal;
+    - `score_layers` / `edit_scores`: an edit of the last query row's pre-softmax scores in those layers, in every
+      call (prefill and decode steps);
+    - `prepare(images, layout, context, state)`: per-call setup from the tokens that reach the LLM (their probes).
+    A dense mask saves no FLOPs: these strategies change accuracy, not cost.
+    """
+
+    stage = Stage.ATTENTION
+
+    def positions(self, layout):
+        """The layout with this strategy's position ids (return `layout` itself to keep the positions)."""
+        return layout
+
+    def mask_functions(self, layout, state: dict[str, Any]) -> tuple[list, list]:
+        """(or_functions, and_functions) over `layout`'s current positions for the prefill mask."""
+        return [], []
+
+    def score_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers (0-based) whose last query row `edit_scores` edits."""
+        return []
+
+    def edit_scores(self, layer: int, scores: torch.Tensor, layout, image_keys: torch.Tensor,
+                    state: dict[str, Any]) -> torch.Tensor:
+        """scores [B, H, K] float32 (scaled, masked keys -inf) of the last query row -> edited scores.
+        image_keys: [B, K] bool, the keys that are visual tokens of the current layout."""
+        return scores
+
+    def prepare(self, images: list[ImageTokens], layout, context: dict[str, Any], state: dict[str, Any]) -> None:
+        """Per-call setup (before the prefill) from the tokens that reach the LLM."""

@@ -27,6 +27,7 @@ from vlmeff.connector import Connector
 from vlmeff.flops import FlopsBreakdown, prefill_flops
 from vlmeff.llm_stage import LLMSession
 from vlmeff.registry import CONNECTORS
+from vlmeff.router import call_phase
 from vlmeff.spec import build_pipeline, describe, parse_spec
 from vlmeff.strategy import (
     ImageTokens,
@@ -104,9 +105,10 @@ class VLMWrapper:
         self._prefill_start: float | None = None
         self._hooks = [
             model.model.language_model.register_forward_pre_hook(self._on_llm_start, with_kwargs=True),
-            model.model.language_model.register_forward_hook(self._on_llm_end),
+            model.model.language_model.register_forward_hook(self._on_llm_end, with_kwargs=True),
         ]
-        self._llm_calls = 0
+        self._timing = False
+        self._prefills = 0  # prefill calls of the language model in this call (phase from the cache length)
         self._session: LLMSession | None = None
 
     # --- context manager / unwrap ------------------------------------------------------------------------------
@@ -127,19 +129,21 @@ class VLMWrapper:
     def spec(self) -> str:
         return describe(self.strategies)
 
-    # --- timing hooks (first LLM forward of a call = prefill) --------------------------------------------------
+    # --- timing hooks (the first prefill of a call, known from its empty cache) -------------------------------
     def _sync(self):
         if self.model.device.type == "cuda":
             torch.cuda.synchronize()
 
     def _on_llm_start(self, module, args, kwargs):
-        self._llm_calls += 1
-        if self._llm_calls == 1:
+        self._timing = call_phase(kwargs) == "prefill" and self._prefills == 0
+        if self._timing:
+            self._prefills += 1
             self._sync()
             self._prefill_start = time.perf_counter()
 
-    def _on_llm_end(self, module, args, output):
-        if self._llm_calls == 1 and self._prefill_start is not None:
+    def _on_llm_end(self, module, args, kwargs, output):
+        if self._timing and self._prefill_start is not None:
+            self._timing = False
             self._sync()
             self.stats.llm_prefill_s = time.perf_counter() - self._prefill_start
 
@@ -206,19 +210,26 @@ class VLMWrapper:
         return out
 
     def _llm_session(self, model_kwargs: dict[str, Any], images) -> LLMSession | None:
-        """The in-LLM removal session for this call, or None when no in-LLM strategy runs (or no image)."""
-        in_llm = [s for s in self.strategies if s.stage is Stage.IN_LLM]
-        if not in_llm or not images:
+        """The session inside the LLM for this call (in-LLM removal, attention-stage masks / positions / score
+        edits), or None when no such strategy runs (or no image). Position rules of attention strategies are applied
+        here, to the layout and to the model kwargs (generate continues them in every decode step)."""
+        inside = [s for s in self.strategies if s.stage in (Stage.IN_LLM, Stage.ATTENTION)]
+        if not inside or not images:
             return None
         ids = model_kwargs["input_ids"]
         video_token = getattr(self.connector, "video_token_id", None)
         if video_token is not None and bool((ids == video_token).any()):
             raise NotApplicableError(
-                f"{', '.join(s.name for s in in_llm)}: in-LLM removal does not handle {self.connector.name} video "
-                "tokens yet; use a pre-LLM strategy (it reduces per frame) or feed the frames as images")
-        mask = model_kwargs.get("attention_mask")
-        return LLMSession(self.model, in_llm, ids, torch.ones_like(ids) if mask is None else mask,
-                          self.connector.image_token_id, images)
+                f"{', '.join(s.name for s in inside)}: in-LLM removal does not handle {self.connector.name} video "
+                "tokens yet (nor do attention-stage strategies); use a pre-LLM strategy (it reduces per frame) or feed the frames as images")
+        layout = self.connector.layout(model_kwargs, images)
+        attention = [s for s in inside if s.stage is Stage.ATTENTION]
+        for strategy in attention:
+            moved = strategy.positions(layout)
+            if moved is not layout:
+                layout = moved
+                model_kwargs["position_ids"] = self.connector.model_positions(layout)
+        return LLMSession(self.model, [s for s in inside if s.stage is Stage.IN_LLM], layout, images, attention)
 
     def _run_llm(self, fn, *args, **kwargs):
         """Call the model (forward or generate) inside the in-LLM session when there is one; update the stats."""
@@ -274,7 +285,7 @@ class VLMWrapper:
         t0 = time.perf_counter()
         model_kwargs = self.prepare(frames, **{k: v for k, v in inputs.items() if k in INPUT_KEYS})
         extra = {k: v for k, v in inputs.items() if k not in INPUT_KEYS}
-        self._llm_calls = 0
+        self._prefills = 0
         with torch.no_grad():
             out = self._run_llm(self.model, **model_kwargs, **extra)
         self._sync()
@@ -291,7 +302,7 @@ class VLMWrapper:
         frames = kwargs.pop("frames", None)
         t0 = time.perf_counter()
         model_kwargs = self.prepare(frames, **inputs)
-        self._llm_calls = 0
+        self._prefills = 0
         out = self._run_llm(self.model.generate, **model_kwargs, **kwargs)
         self._sync()
         stats = self.stats

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from vlmeff.registry import register_strategy
-from vlmeff.strategy import LLMPruner, StrategyError, topk_sorted
+from vlmeff.strategy import LLMPruner, StrategyError
 
 PUBLISHED_START = {32: 13, 28: 14}
 
@@ -33,6 +33,7 @@ class AIMPrune(LLMPruner):
     name = "aim-prune"
     summary = "in-LLM: PageRank-style importance (T=0.1, 5 iterations), linear schedule from l1 to zero visual tokens"
     paper = "arXiv 2412.03248"
+    budget_params = ("start", "span")  # the schedule; `iterations` are PageRank steps
 
     start: int | None = None
     span: int | None = None
@@ -77,11 +78,5 @@ class AIMPrune(LLMPruner):
 
     def select(self, layer, view, state) -> list[torch.Tensor | None]:
         rate = self.rate(layer, view.num_layers)
-        kept = []
-        for row, sample in enumerate(view.samples):
-            k = round(sample.num_visual * rate)
-            if k >= sample.visual.numel():
-                kept.append(None)
-                continue
-            kept.append(topk_sorted(state["importance"][row, sample.visual], k))
-        return kept
+        return [self.keep_top(state["importance"][row, sample.visual], round(sample.num_visual * rate))
+                for row, sample in enumerate(view.samples)]

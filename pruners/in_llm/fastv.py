@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from vlmeff.registry import register_strategy
-from vlmeff.strategy import Budget, LLMPruner, StrategyError, topk_sorted
+from vlmeff.strategy import Budget, LLMPruner, StrategyError
 
 
 @register_strategy
@@ -26,6 +26,7 @@ class FastV(LLMPruner, Budget):
     name = "fastv"
     summary = "in-LLM: last-token attention at layer K-1, top-k visual tokens kept from layer K (layer=K, keep/ratio)"
     paper = "arXiv 2403.06764"
+    budget_params = ("keep", "ratio")
 
     layer: int = 2
 
@@ -45,11 +46,5 @@ class FastV(LLMPruner, Budget):
         state["score"] = attention.sample_row_probabilities(rows).mean(1)  # [B, S] mean over heads
 
     def select(self, layer, view, state) -> list[torch.Tensor | None]:
-        kept = []
-        for row, sample in enumerate(view.samples):
-            k = self.kept_count(sample.num_visual)
-            if k >= sample.visual.numel():
-                kept.append(None)
-                continue
-            kept.append(topk_sorted(state["score"][row, sample.visual], k))
-        return kept
+        return [self.keep_top(state["score"][row, sample.visual], self.kept_count(sample.num_visual))
+                for row, sample in enumerate(view.samples)]

@@ -152,6 +152,7 @@ class AIM(TokenReducer, Budget):
                "(iterations / keep / ratio; metric=features for towers without keys)")
     paper = "arXiv 2412.03248"
     token_space = "vision"
+    budget_params = ("keep", "ratio", "iterations")
 
     iterations: int | None = None
     metric: str | None = None
@@ -222,26 +223,23 @@ class AIM(TokenReducer, Budget):
                                      "expected one key per token (plus [CLS]); use 'aim:metric=features'")
         return keys[num_cls:][image.index].float()  # [V_cur, H*hd]
 
-    def reduce(self, images: list[ImageTokens]) -> list[ImageTokens]:
-        out = []
-        for img in images:
-            num = img.features.shape[0]
-            plan = self.schedule(num, img.num_original, self.settings(img)[0])
-            img.record.strategies.append(self.name)
-            if not plan:  # nothing to merge: identity (exactly the unwrapped model)
-                out.append(img)
-                continue
-            if (img.index < 0).any():
-                raise NotApplicableError("aim cannot merge synthetic tokens (index -1); put it before such strategies")
-            groups = img.groups if img.groups is not None else [[i] for i in img.index.tolist()]
-            features, index = img.features, img.index  # [V_cur, D], [V_cur]
-            metric = self.similarity_metric(img)
-            for num_merge in plan:
-                dest, kept = bipartite_assignment(features if metric is None else metric, num_merge)
-                features = merge_mean(features, dest, kept.numel())  # [V_next, D]
-                if metric is not None:
-                    metric = merge_mean(metric, dest, kept.numel())  # keys merge alongside the features
-                index = index[kept]  # representatives
-                groups = regroup(groups, dest, kept.numel())
-            out.append(dataclasses.replace(img, features=features, index=index, groups=groups))
-        return out
+    def target_count(self, image: ImageTokens) -> int:
+        """Tokens left after the image's merge schedule (`schedule`, with the frame defaults of `settings`)."""
+        num = image.features.shape[0]
+        return num - sum(self.schedule(num, image.num_original, self.settings(image)[0]))
+
+    def reduce_image(self, img: ImageTokens, k: int, position: int) -> ImageTokens:
+        if (img.index < 0).any():
+            raise NotApplicableError("aim cannot merge synthetic tokens (index -1); put it before such strategies")
+        groups = img.groups if img.groups is not None else [[i] for i in img.index.tolist()]
+        features, index = img.features, img.index  # [V_cur, D], [V_cur]
+        metric = self.similarity_metric(img)
+        # merging down to exactly k: for `iterations` rounds k is where they end, so this is the same schedule
+        for num_merge in merge_schedule(features.shape[0], keep=k):
+            dest, kept = bipartite_assignment(features if metric is None else metric, num_merge)
+            features = merge_mean(features, dest, kept.numel())  # [V_next, D]
+            if metric is not None:
+                metric = merge_mean(metric, dest, kept.numel())  # keys merge alongside the features
+            index = index[kept]  # representatives
+            groups = regroup(groups, dest, kept.numel())
+        return dataclasses.replace(img, features=features, index=index, groups=groups)

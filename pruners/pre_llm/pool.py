@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmeff.registry import register_strategy
-from vlmeff.strategy import Budget, ImageTokens, Stage, TokenReducer
+from vlmeff.strategy import BudgetReducer, ImageTokens, Stage
 
 
 def pool_stride(grid: tuple[int, int, int], k: int) -> int:
@@ -45,7 +45,7 @@ def pool_windows(grid: tuple[int, int, int], stride: int) -> list[list[int]]:
 
 @register_strategy
 @dataclass
-class Pool(TokenReducer, Budget):
+class Pool(BudgetReducer):
     """Average-pool the token grid with the stride that gives the largest pooled grid within the budget."""
 
     name = "pool"
@@ -54,26 +54,19 @@ class Pool(TokenReducer, Budget):
     paper = "baseline"
     needs_full_grid = True
 
-    def __post_init__(self):
-        TokenReducer.__post_init__(self)
-        self._check_budget(self.name)
+    def target_count(self, image: ImageTokens) -> int:
+        """The budget of the grid being pooled, i.e. of the current count. Pool needs the full grid, so this is
+        `BudgetReducer`'s rule whenever Pool can run; counting from the current tokens keeps a grid that is not
+        full failing in `reduce_image` rather than passing as identity."""
+        return self.kept_count(image.features.shape[0])
 
-    def reduce(self, images: list[ImageTokens]) -> list[ImageTokens]:
-        out = []
-        for img in images:
-            num = img.features.shape[0]
-            k = self.kept_count(num)
-            img.record.strategies.append(self.name)
-            if k >= num:  # keep everything: identity (exactly the unwrapped model)
-                out.append(img)
-                continue
-            t, h, w = img.record.grid
-            stride = pool_stride((t, h, w), k)
-            grid = img.features.float().view(t, h, w, -1).permute(0, 3, 1, 2)  # [t, D, h, w]
-            pooled = F.avg_pool2d(grid, kernel_size=stride, stride=stride, ceil_mode=True)  # [t, D, s, s']
-            features = pooled.permute(0, 2, 3, 1).reshape(-1, grid.shape[1]).to(img.features.dtype)  # [t*s*s', D]
-            groups = pool_windows((t, h, w), stride)
-            # each pooled token stands at the top-left cell of its window (its representative)
-            index = torch.tensor([g[0] for g in groups], dtype=img.index.dtype, device=img.index.device)
-            out.append(dataclasses.replace(img, features=features, index=index, groups=groups))
-        return out
+    def reduce_image(self, image: ImageTokens, k: int, position: int) -> ImageTokens:
+        t, h, w = image.record.grid
+        stride = pool_stride((t, h, w), k)
+        grid = image.features.float().view(t, h, w, -1).permute(0, 3, 1, 2)  # [t, D, h, w]
+        pooled = F.avg_pool2d(grid, kernel_size=stride, stride=stride, ceil_mode=True)  # [t, D, s, s']
+        features = pooled.permute(0, 2, 3, 1).reshape(-1, grid.shape[1]).to(image.features.dtype)  # [t*s*s', D]
+        groups = pool_windows((t, h, w), stride)
+        # each pooled token stands at the top-left cell of its window (its representative)
+        index = torch.tensor([g[0] for g in groups], dtype=image.index.dtype, device=image.index.device)
+        return dataclasses.replace(image, features=features, index=index, groups=groups)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from vlmeff.registry import register_strategy
-from vlmeff.strategy import Budget, ImageTokens, Stage, StrategyError, TokenReducer
+from vlmeff.strategy import BudgetReducer, ImageTokens, Stage, StrategyError
 
 
 def image_seed(seed: int, num_tokens: int, position: int) -> int:
@@ -24,19 +24,9 @@ def image_seed(seed: int, num_tokens: int, position: int) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def positions_in_sample(images: list[ImageTokens]) -> list[int]:
-    """For each image, how many images of the same sample (batch row) come before it."""
-    seen: dict[int, int] = {}
-    positions = []
-    for img in images:
-        positions.append(seen.get(img.record.sample, 0))
-        seen[img.record.sample] = positions[-1] + 1
-    return positions
-
-
 @register_strategy
 @dataclass
-class RandomPruner(TokenReducer, Budget):
+class RandomPruner(BudgetReducer):
     """Keep k tokens per image uniformly at random (seeded, reproducible per sample), raster order."""
 
     name = "random"
@@ -47,22 +37,11 @@ class RandomPruner(TokenReducer, Budget):
     seed: int = 0
 
     def __post_init__(self):
-        TokenReducer.__post_init__(self)
-        self._check_budget(self.name)
+        super().__post_init__()
         if self.seed < 0:
             raise StrategyError(f"random.seed={self.seed}: must be >= 0")
 
-    def reduce(self, images: list[ImageTokens]) -> list[ImageTokens]:
-        out = []
-        for img, position in zip(images, positions_in_sample(images)):
-            num = img.features.shape[0]
-            k = min(self.kept_count(img.num_original) if self.ratio is not None else self.keep, num)
-            if k == num:  # keep everything: identity (exactly the unwrapped model)
-                img.record.strategies.append(self.name)
-                out.append(img)
-                continue
-            img.record.strategies.append(self.name)
-            generator = torch.Generator().manual_seed(image_seed(self.seed, img.record.num_tokens, position))
-            kept = torch.randperm(num, generator=generator)[:k].sort().values  # [k], CPU: same on every device
-            out.append(img.keep(kept.to(img.features.device)))
-        return out
+    def reduce_image(self, image: ImageTokens, k: int, position: int) -> ImageTokens:
+        generator = torch.Generator().manual_seed(image_seed(self.seed, image.record.num_tokens, position))
+        kept = torch.randperm(image.features.shape[0], generator=generator)[:k].sort().values  # [k], CPU: same anywhere
+        return image.keep(kept.to(image.features.device))

@@ -61,6 +61,7 @@ class VisionZip(TokenReducer, Budget):
     summary = "[CLS]-attention dominant tokens + similarity-merged contextual tokens (dominant+contextual or keep/ratio)"
     paper = "arXiv 2412.04467"
     needs_full_grid = True
+    budget_params = ("keep", "ratio", "dominant", "contextual")
 
     dominant: int | None = None
     contextual: int | None = None
@@ -94,19 +95,12 @@ class VisionZip(TokenReducer, Budget):
             return self.dominant, self.contextual
         return split_budget(self.kept_count(num_tokens))
 
-    def reduce(self, images: list[ImageTokens]) -> list[ImageTokens]:
-        out = []
-        for img in images:
-            num = img.features.shape[0]
-            dominant, contextual = self.counts(num)
-            img.record.strategies.append(self.name)
-            if dominant + contextual >= num:  # keep everything: identity (exactly the unwrapped model)
-                out.append(img)
-                continue
-            out.append(self.zip_image(img, dominant, contextual))
-        return out
+    def target_count(self, image: ImageTokens) -> int:
+        """dominant + contextual for the image's current (full-grid) count."""
+        return sum(self.counts(image.features.shape[0]))
 
-    def zip_image(self, img: ImageTokens, dominant: int, contextual: int) -> ImageTokens:
+    def reduce_image(self, img: ImageTokens, k: int, position: int) -> ImageTokens:
+        dominant, contextual = self.counts(img.features.shape[0])  # the split of k
         score = img.probe.cls_attention(img.image).sum(0)  # [V]: [CLS] row summed over heads
         dominant_idx = topk_sorted(score, dominant)  # [dominant] ascending
         is_rest = torch.ones_like(score, dtype=torch.bool)

@@ -90,6 +90,7 @@ class FlowCut(TokenReducer, Budget):
     stage = Stage.VISION
     summary = "information-flow pruning inside the vision encoder (CLS relevance + value semantics x density)"
     paper = "arXiv 2505.19536"
+    budget_params = ("keep", "ratio")
 
     semantic_scale: bool = False  # scale v_CLS . v_j by 1/sqrt(head_dim) (the LLM/Qwen reference code does)
     llm_stage: bool | None = None  # None: on for Qwen2-VL (as in the reference), off for LLaVA-1.5
@@ -197,6 +198,7 @@ class FlowCutLLM(LLMPruner, Budget):
     name = "flowcut-llm"
     summary = "in-LLM stage of FlowCut: last-query relevance + value semantics x density after decoder layer 1"
     paper = "arXiv 2505.19536"
+    budget_params = ("keep", "ratio")
 
     layer: int = 1
 
@@ -225,8 +227,5 @@ class FlowCutLLM(LLMPruner, Budget):
         state["scores"] = scores
 
     def select(self, layer, view, state) -> list[torch.Tensor | None]:
-        kept = []
-        for sample, score in zip(view.samples, state["scores"]):
-            target = sum(self.kept_count(v) for v in sample.original_counts)
-            kept.append(None if target >= score.numel() else topk_sorted(score, target))
-        return kept
+        return [self.keep_top(score, sum(self.kept_count(v) for v in sample.original_counts))
+                for sample, score in zip(view.samples, state["scores"])]

@@ -74,16 +74,10 @@ class ATPTrainer(ResumableTrainer):
                    "caption_share", "budget_decay")
 
     def __init__(self, model, processor, cfg: ATPTrainConfig, model_name: str = "reference"):
-        from vlmeff.llm_stage import RECORDING_ATTENTION
-
         self.cfg, self.model, self.processor, self.model_name = cfg, model, processor, model_name
         for p in model.parameters():
             p.requires_grad_(False)
         text_config = model.config.text_config
-        if text_config._attn_implementation not in ("sdpa", RECORDING_ATTENTION):
-            raise ValueError(f"atp-learned training needs sdpa attention (the model uses "
-                             f"{text_config._attn_implementation!r})")
-        model.set_attn_implementation({"text_config": RECORDING_ATTENTION})
         self.num_layers = text_config.num_hidden_layers
         self.points = ATPScores(points=cfg.points).prune_layers(self.num_layers)
         torch.manual_seed(cfg.seed)

@@ -116,6 +116,7 @@ class ATP(ATPScores):
     paper = "arXiv 2412.00447"
     experimental = True
     shift_range = (-1.0, 0.05)  # bisection bounds of `calibrate`
+    budget_params = ("shift",)  # what `calibrate` tunes to a budget; mass, strides, k_min / k_max define the variant
 
     mass: str | None = None
     strides: str | None = None

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmeff.llm_stage import _OBSERVERS, _REPLACEMENTS, RECORDING_ATTENTION, AttentionInputs
 from vlmeff.pruners.in_llm.atp import ATPScores, redundancy, redundancy_scores, spatial_score
 from vlmeff.registry import register_strategy
+from vlmeff.router import AttentionInputs, Router
 from vlmeff.strategy import NotApplicableError, StrategyError
 
 WEIGHTS_NAME = "atp_learned.safetensors"
@@ -151,6 +151,7 @@ class ATPLearned(ATPScores):
     training_free = False
     experimental = True
     shift_range = (-1.0, 1.0)
+    budget_params = ("shift",)  # what `calibrate` tunes to a budget
 
     weights: str | None = None
     shift: float = 0.0
@@ -219,8 +220,8 @@ class SoftATP:
     reaches the thresholds through the soft masks. (With the soft masks in the forward pass, as METHODS.md words
     it, a token at m = 0.3 still feeds the later layers; measured on the reference model, thresholds trained that
     way kept too little at inference; see the model card.) `expected_fraction()` is the layer-averaged kept
-    fraction E with the same straight-through rule. The text backbone must run ``vlmeff_sdpa``
-    (`vlmeff.llm_stage.RECORDING_ATTENTION`), which lets this object observe and replace the attention it needs.
+    fraction E with the same straight-through rule. Its `vlmeff.router.Router` observes and replaces the attention
+    it needs while the object is entered.
 
     prepare(visual [S] bool, prompt_end, grid) before each call: tokens before prompt_end are the prompt (S_cross
     reads only its text queries, never the supervised answer); grid: (t, h, w) of the image's tokens.
@@ -229,29 +230,28 @@ class SoftATP:
     def __init__(self, model, module: ThresholdMLPs, points: list[int], temperature: float = 10.0):
         self.model, self.module, self.points, self.temperature = model, module, list(points), temperature
         self.layers = list(model.model.language_model.layers)
-        if model.config.text_config._attn_implementation != RECORDING_ATTENTION:
-            raise NotApplicableError("SoftATP: set the text backbone's attention to 'vlmeff_sdpa' first")
+        self.router = Router(model)  # refuses backends that take no replacement attention
+        for index in range(len(self.layers)):
+            if index > self.points[0]:
+                self.router.replace(index, self._weighted_attention)
+            if index in self.points:
+                self.router.observe(index, self._observe)
         self._handles: list[Any] = []
         self.visual: torch.Tensor | None = None
         self.prompt_end = 0
         self.grid: tuple[int, int, int] = (1, 1, 1)
 
     def __enter__(self) -> SoftATP:
-        for index, layer in enumerate(self.layers):
-            if index > self.points[0]:
-                _REPLACEMENTS[id(layer.self_attn)] = self._weighted_attention
-            if index in self.points:
-                self._handles.append(layer.register_forward_hook(self._post_layer(index), with_kwargs=True))
-                _OBSERVERS[id(layer.self_attn)] = self._observe
+        self.router.__enter__()
+        for index in self.points:
+            self._handles.append(self.layers[index].register_forward_hook(self._post_layer(index), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for layer in self.layers:
-            _OBSERVERS.pop(id(layer.self_attn), None)
-            _REPLACEMENTS.pop(id(layer.self_attn), None)
+        self.router.__exit__(*exc)
 
     def prepare(self, visual: torch.Tensor, prompt_end: int, grid: tuple[int, int, int]) -> None:
         """Set up the next forward call (one sample)."""
@@ -284,7 +284,8 @@ class SoftATP:
         out = torch.einsum("bhqk,bhkd->bhqd", probs.to(v.dtype), v)
         return out.transpose(1, 2).contiguous(), None
 
-    def _observe(self, module, query, key, value, mask, scaling):
+    def _observe(self, layer: int, inputs: AttentionInputs) -> None:
+        query, scaling = inputs.query, inputs.scaling
         positions = self.visual.nonzero().squeeze(1)
         start = int(positions[0])
         text = torch.arange(int(positions[-1]) + 1, self.prompt_end, device=positions.device)
@@ -295,7 +296,7 @@ class SoftATP:
         allowed |= torch.eye(length, dtype=torch.bool, device=query.device)
         with torch.no_grad():
             rows = torch.arange(start, length, device=query.device)
-            attention = AttentionInputs(query, key, value, allowed[None, None], scaling)
+            attention = AttentionInputs(query, inputs.key, inputs.value, allowed[None, None], scaling)
             probs = attention.probabilities(rows).mean(1)[0]  # [R, S]
             self._scores = redundancy_scores(probs, positions[self.alive], text, start)
 
