@@ -1,5 +1,10 @@
-"""vlmeff.pruners: one module per token-reduction method; importing this package registers them."""
+"""vlmeff.pruners: one module per method, in the folder of its stage; importing this package registers them."""
 
+from vlmeff.pruners.attention.cca import CCA
+from vlmeff.pruners.attention.mma import MMA
+from vlmeff.pruners.attention.naavit import NAAViT
+from vlmeff.pruners.attention.pai import PAI
+from vlmeff.pruners.attention.paint import PAINT
 from vlmeff.pruners.in_llm.aim_prune import AIMPrune
 from vlmeff.pruners.in_llm.atp import ATP
 from vlmeff.pruners.in_llm.atp.learned import ATPLearned
@@ -11,4 +16,4 @@ from vlmeff.pruners.pre_llm.random import RandomPruner
 from vlmeff.pruners.pre_llm.visionzip import VisionZip
 from vlmeff.pruners.vision.flowcut import FlowCut, FlowCutLLM
 
-__all__ = ["AIM", "AIMPrune", "ATP", "ATPLearned", "FasterVLM", "FastV", "FlowCut", "FlowCutLLM", "Pool", "RandomPruner", "VisionZip"]
+__all__ = ["CCA", "MMA", "NAAViT", "PAI", "PAINT", "AIM", "AIMPrune", "ATP", "ATPLearned", "FasterVLM", "FastV", "FlowCut", "FlowCutLLM", "Pool", "RandomPruner", "VisionZip"]
