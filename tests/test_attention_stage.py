@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
-from conftest import make_image, make_inputs
 from test_llm_stage import deepen
 
 import vlmeff
+from conftest import make_image, make_inputs
 from vlmeff.router import AttentionInputs, Router
 from vlmeff.strategy import NotApplicableError
 
