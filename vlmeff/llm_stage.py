@@ -110,10 +110,13 @@ class LLMSession:
             if layers:
                 self.router.edit_last_row(layers, self._score_edit(strategy))
         self.router.on_call(self._on_llm_call)
+        for index in range(self.num_layers):
+            self.router.before_layer(index, self._pre_layer(index))
+            if index in self.prune_at:
+                self.router.after_layer(index, self._post_layer(index))
         self.original_counts = [[img.record.num_tokens for img in images if img.record.sample == row]
                                 for row in range(layout.kind.shape[0])]
         self.num_visual = layout.visual.sum(1).tolist()
-        self._handles: list[Any] = []
         self._segments: dict[int, _Segment] = {}  # first layer of a segment -> its batch
         self._layer_segment: list[int | None] = [None] * self.num_layers
         self._prompt_length = layout.kind.shape[1]
@@ -157,21 +160,10 @@ class LLMSession:
 
     # --- install / remove ---------------------------------------------------------------------------------------
     def __enter__(self) -> LLMSession:
-        try:
-            for index, layer in enumerate(self.layers):
-                self._handles.append(layer.register_forward_pre_hook(self._pre_layer(index), with_kwargs=True))
-                if index in self.prune_at:
-                    self._handles.append(layer.register_forward_hook(self._post_layer(index), with_kwargs=True))
-            self.router.__enter__()
-        except BaseException:
-            self.__exit__()
-            raise
+        self.router.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
         self.router.__exit__(*exc)
 
     @property

@@ -147,7 +147,8 @@ ScoreEdit = Callable[[int, torch.Tensor], torch.Tensor]
 class Router:
     """Every attention-level intervention of one wrapped call on one model, owned in one place.
 
-    Register interventions before entering (or inside, before the model call); `__exit__` removes everything.
+    Register interventions (and the layer hooks of the session that uses them) before entering; `__exit__` removes
+    every hook and restores the backend, also when the call raised: the router is their one owner.
     """
 
     def __init__(self, model):
@@ -166,6 +167,7 @@ class Router:
         self._replacements: dict[int, Callable] = {}
         self._edits: dict[int, list[ScoreEdit]] = {}
         self._on_call: list[Callable[[str, dict[str, Any]], None]] = []
+        self._layer_hooks: list[tuple[int, str, Callable]] = []
         self._handles: list[Any] = []
         self.phase: str | None = None  # "prefill" | "decode" of the current language-model call
         self.calls = 0
@@ -189,11 +191,27 @@ class Router:
         """fn(phase, kwargs) before each language-model call; it may rewrite the call's keyword arguments."""
         self._on_call.append(fn)
 
+    def before_layer(self, layer: int, fn: Callable) -> None:
+        """A forward pre-hook (module, args, kwargs) -> (args, kwargs) | None on decoder layer `layer`."""
+        self._layer_hooks.append((layer, "pre", fn))
+
+    def after_layer(self, layer: int, fn: Callable) -> None:
+        """A forward hook (module, args, kwargs, output) -> output | None on decoder layer `layer`."""
+        self._layer_hooks.append((layer, "post", fn))
+
     # --- install / remove -----------------------------------------------------------------------------------------
     def __enter__(self) -> Router:
-        if self._implementation != ROUTER_ATTENTION:
-            self.model.set_attn_implementation({"text_config": ROUTER_ATTENTION})
-        self._handles.append(self.language_model.register_forward_pre_hook(self._before_call, with_kwargs=True))
+        try:
+            layers = self.language_model.layers
+            for index, kind, fn in self._layer_hooks:
+                register = layers[index].register_forward_pre_hook if kind == "pre" else layers[index].register_forward_hook
+                self._handles.append(register(fn, with_kwargs=True))
+            self._handles.append(self.language_model.register_forward_pre_hook(self._before_call, with_kwargs=True))
+            if self._implementation != ROUTER_ATTENTION:
+                self.model.set_attn_implementation({"text_config": ROUTER_ATTENTION})
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

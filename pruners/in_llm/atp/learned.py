@@ -236,21 +236,16 @@ class SoftATP:
                 self.router.replace(index, self._weighted_attention)
             if index in self.points:
                 self.router.observe(index, self._observe)
-        self._handles: list[Any] = []
+                self.router.after_layer(index, self._post_layer(index))
         self.visual: torch.Tensor | None = None
         self.prompt_end = 0
         self.grid: tuple[int, int, int] = (1, 1, 1)
 
     def __enter__(self) -> SoftATP:
         self.router.__enter__()
-        for index in self.points:
-            self._handles.append(self.layers[index].register_forward_hook(self._post_layer(index), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
         self.router.__exit__(*exc)
 
     def prepare(self, visual: torch.Tensor, prompt_end: int, grid: tuple[int, int, int]) -> None:
