@@ -92,6 +92,12 @@ class TokenLayout:
         """[B, S] bool: visual tokens."""
         return self.kind == IMAGE
 
+    @staticmethod
+    def over_keys(mask: torch.Tensor, num_keys: int) -> torch.Tensor:
+        """A [B, S] per-position mask extended with False to `num_keys` keys (decode: the generated tokens)."""
+        extra = num_keys - mask.shape[1]
+        return torch.nn.functional.pad(mask, (0, extra), value=False) if extra > 0 else mask
+
     def counts(self) -> tuple[list[int], list[int]]:
         """Per row: real tokens and visual tokens (one host sync)."""
         return self.valid.sum(1).tolist(), self.visual.sum(1).tolist()

@@ -204,10 +204,7 @@ class LLMSession:
         def edit(layer: int, scores: torch.Tensor) -> torch.Tensor:
             first = self._layer_segment[layer]
             layout = self.layout0 if first is None else self._segments[first].layout
-            image_keys = layout.visual
-            extra = scores.shape[-1] - image_keys.shape[1]  # generated tokens in the cache
-            if extra > 0:
-                image_keys = torch.nn.functional.pad(image_keys, (0, extra), value=False)
+            image_keys = layout.over_keys(layout.visual, scores.shape[-1])  # generated tokens are no image keys
             return strategy.edit_scores(layer, scores, layout, image_keys, self.states[id(strategy)])
         return edit
 

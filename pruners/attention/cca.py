@@ -16,6 +16,7 @@ No FLOP saving (dense mask).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,7 @@ class CCA(AttentionStrategy):
         start = advance.cumsum(1) - advance  # position at which each token's run starts
         # visual tokens sit at the start of their image (the advance of earlier tokens of the same image is 0)
         positions = start + ring.clamp(min=0) * (kind == IMAGE)
-        return layout.__class__(**{**layout.__dict__, "position_ids": positions.masked_fill(~layout.valid, 0)})
+        return dataclasses.replace(layout, position_ids=positions.masked_fill(~layout.valid, 0))
 
     def mask_functions(self, layout, state):
         ring, visual, image = rings(layout.cell, layout.image, layout.grids), layout.visual, layout.image

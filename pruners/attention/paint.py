@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from vlmeff.registry import register_strategy
-from vlmeff.strategy import AttentionStrategy, StrategyError
+from vlmeff.strategy import AttentionStrategy, NotApplicableError, StrategyError
 
 
 def paint_sets(first_row: torch.Tensor, feature_row: torch.Tensor, local_ratio: float
@@ -61,8 +61,6 @@ class PAINT(AttentionStrategy):
 
     def check_applicable(self, connector) -> None:
         if not connector.has_cls:
-            from vlmeff.strategy import NotApplicableError
-
             raise NotApplicableError(f"paint: the {connector.name} vision tower has no [CLS] token, whose attention "
                                      "rows define PAINT's local and summary tokens; use pai")
 
@@ -92,10 +90,7 @@ class PAINT(AttentionStrategy):
             real = layout.visual
             state["cached"] = (key, state["local"][image, cell] & real, state["summary"][image, cell] & real)
         _, local, summary = state["cached"]
-        extra = scores.shape[-1] - local.shape[1]  # generated tokens in the cache are not image keys
-        if extra > 0:
-            local = torch.nn.functional.pad(local, (0, extra), value=False)
-            summary = torch.nn.functional.pad(summary, (0, extra), value=False)
+        local, summary = layout.over_keys(local, scores.shape[-1]), layout.over_keys(summary, scores.shape[-1])
         finite = torch.isfinite(scores)
         gain = self.alpha_local * local[:, None] + self.alpha_summary * summary[:, None]  # [B, 1, K]
         return torch.where(finite, scores + gain * scores.abs(), scores)
