@@ -5,6 +5,7 @@ from vlmeff.pruners.attention.mma import MMA
 from vlmeff.pruners.attention.naavit import NAAViT
 from vlmeff.pruners.attention.pai import PAI
 from vlmeff.pruners.attention.paint import PAINT
+from vlmeff.pruners.attention.saisa import SAISA
 from vlmeff.pruners.in_llm.aim_prune import AIMPrune
 from vlmeff.pruners.in_llm.atp import ATP
 from vlmeff.pruners.in_llm.atp.learned import ATPLearned
@@ -16,4 +17,4 @@ from vlmeff.pruners.pre_llm.random import RandomPruner
 from vlmeff.pruners.pre_llm.visionzip import VisionZip
 from vlmeff.pruners.vision.flowcut import FlowCut, FlowCutLLM
 
-__all__ = ["CCA", "MMA", "NAAViT", "PAI", "PAINT", "AIM", "AIMPrune", "ATP", "ATPLearned", "FasterVLM", "FastV", "FlowCut", "FlowCutLLM", "Pool", "RandomPruner", "VisionZip"]
+__all__ = ["CCA", "MMA", "NAAViT", "PAI", "PAINT", "SAISA", "AIM", "AIMPrune", "ATP", "ATPLearned", "FasterVLM", "FastV", "FlowCut", "FlowCutLLM", "Pool", "RandomPruner", "VisionZip"]

@@ -135,8 +135,12 @@ def _split_image_tokens(items: Sequence[Any]) -> list[tuple[int, tuple[int, int,
 # ------------------------------------------------------------------------------------------------- LLM
 
 
-def llm_layer_flops(text_config: Any, n: int) -> int:
+def llm_layer_flops(text_config: Any, n: int, key_only: int = 0) -> int:
     """FLOPs of one dense decoder layer (self-attention + SwiGLU FFN) run on ``n`` tokens in prefill.
+
+    ``key_only`` further tokens contribute keys and values only (the SAISA layer's visual rows): their k / v
+    projections are counted and the ``n`` queries attend ``n + key_only`` keys; they have no query, output
+    projection or FFN.
 
     With hidden size ``d``, query heads ``h``, key/value heads ``h_kv``, ``head_dim`` (``config.head_dim`` if
     set, else ``d // h``) and FFN width ``m`` (``intermediate_size``)::
@@ -155,7 +159,7 @@ def llm_layer_flops(text_config: Any, n: int) -> int:
     ``text_config`` is used).
     """
     cfg = _text_config(text_config)
-    n = int(n)
+    n, key_only = int(n), int(key_only)
     if n <= 0:
         return 0
     d = int(cfg.hidden_size)
@@ -164,13 +168,14 @@ def llm_layer_flops(text_config: Any, n: int) -> int:
     head_dim = getattr(cfg, "head_dim", None) or d // heads
     m = int(cfg.intermediate_size)
     q_width, kv_width = heads * int(head_dim), kv_heads * int(head_dim)
-    projections = 2 * n * (2 * d * q_width + 2 * d * kv_width)
-    attention = _attention_core(n, n, q_width)
+    projections = 2 * n * (2 * d * q_width + 2 * d * kv_width) + 2 * key_only * 2 * d * kv_width
+    attention = _attention_core(n, n + key_only, q_width)
     ffn = 6 * n * d * m
     return projections + attention + ffn
 
 
-def llm_prefill_flops(text_config: Any, tokens_per_layer: int | Sequence[int], logits_tokens: int = 1) -> int:
+def llm_prefill_flops(text_config: Any, tokens_per_layer: int | Sequence[int], logits_tokens: int = 1,
+                      key_only_tokens: int = 0) -> int:
     """FLOPs of the LLM prefill: all decoder layers plus the LM head.
 
     Args:
@@ -179,9 +184,10 @@ def llm_prefill_flops(text_config: Any, tokens_per_layer: int | Sequence[int], l
             layer; a sequence must have ``num_hidden_layers`` entries (for methods that drop tokens inside the
             LLM: entry ``l`` is the number of tokens layer ``l`` runs on, queries = keys).
         logits_tokens: positions the LM head is applied to (1 for ``generate``: last token only).
+        key_only_tokens: tokens that give keys and values only in every layer (see :func:`llm_layer_flops`).
 
     Returns:
-        ``sum_l llm_layer_flops(n_l) + 2 * logits_tokens * d * vocab_size``.
+        ``sum_l llm_layer_flops(n_l, key_only_tokens) + 2 * logits_tokens * d * vocab_size``.
     """
     cfg = _text_config(text_config)
     n_layers = int(cfg.num_hidden_layers)
@@ -192,7 +198,7 @@ def llm_prefill_flops(text_config: Any, tokens_per_layer: int | Sequence[int], l
         if len(per_layer) != n_layers:
             raise ValueError(f"tokens_per_layer has {len(per_layer)} entries; the LLM has {n_layers} layers")
     head = 2 * int(logits_tokens) * int(cfg.hidden_size) * int(cfg.vocab_size)
-    return sum(llm_layer_flops(cfg, n) for n in per_layer) + head
+    return sum(llm_layer_flops(cfg, n, key_only_tokens) for n in per_layer) + head
 
 
 # ---------------------------------------------------------------------------------------------- vision

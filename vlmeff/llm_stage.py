@@ -114,6 +114,8 @@ class LLMSession:
             self.router.before_layer(index, self._pre_layer(index))
             if index in self.prune_at:
                 self.router.after_layer(index, self._post_layer(index))
+        for strategy in self.attention:
+            strategy.install(self.router, layout, images, self.states[id(strategy)])
         self.original_counts = [[img.record.num_tokens for img in images if img.record.sample == row]
                                 for row in range(layout.kind.shape[0])]
         self.num_visual = layout.visual.sum(1).tolist()

@@ -131,6 +131,7 @@ def build_pipeline(strategies: list[Strategy]) -> list[Strategy]:
     ordered = sorted(strategies, key=lambda s: STAGE_ORDER.index(s.stage))
     for i, s in enumerate(ordered):
         s.check_after(ordered[:i])
+        s.check_before(ordered[i + 1:])
     positions = {s.positions for s in ordered if isinstance(s, TokenReducer) and s.positions != "auto"}
     if len(positions) > 1:
         raise StrategyError(f"strategies ask for different position modes {sorted(positions)}; set one positions=")

@@ -252,6 +252,15 @@ class Strategy:
             names = ", ".join(p.name for p in previous if isinstance(p, TokenReducer))
             raise StrategyError(f"{self.name} needs the full token grid and cannot follow the reduction by {names}")
 
+    def check_before(self, later: list[Strategy]) -> None:
+        """Raise `StrategyError` if this strategy cannot be followed by `later` (same or later stages)."""
+
+    def llm_flops(self, config, text: int, visual: int):
+        """Prefill FLOPs of the LLM side (`vlmeff.flops.FlopsBreakdown`: modules the strategy adds as `projector`,
+        decoder layers + LM head as `llm`) of a row with `text` text and `visual` visual tokens, when the strategy
+        changes the computation; None (the default) when it does not: a dense mask or a score edit saves nothing."""
+        return None
+
 
 @dataclass
 class TokenReducer(Strategy):
@@ -422,8 +431,10 @@ class AttentionStrategy(Strategy):
       and-ed onto it for the prefill mask (re-evaluated on each compacted layout); decode steps stay causal;
     - `score_layers` / `edit_scores`: an edit of the last query row's pre-softmax scores in those layers, in every
       call (prefill and decode steps);
-    - `prepare(images, layout, context, state)`: per-call setup from the tokens that reach the LLM (their probes).
-    A dense mask saves no FLOPs: these strategies change accuracy, not cost.
+    - `prepare(images, layout, context, state)`: per-call setup from the tokens that reach the LLM (their probes);
+    - `install(router, layout, images, state)`: any other intervention on the call's router (SAISA's layer);
+    - `llm_flops(config, text, visual)`: the LLM-side FLOPs when the strategy changes the computation.
+    A dense mask saves no FLOPs: those strategies change accuracy, not cost.
     """
 
     stage = Stage.ATTENTION
@@ -448,3 +459,8 @@ class AttentionStrategy(Strategy):
 
     def prepare(self, images: list[ImageTokens], layout, context: dict[str, Any], state: dict[str, Any]) -> None:
         """Per-call setup (before the prefill) from the tokens that reach the LLM."""
+
+    def install(self, router, layout, images: list[ImageTokens], state: dict[str, Any]) -> None:
+        """Register interventions beyond masks, positions and score edits on this call's `vlmeff.router.Router`
+        (per-call argument rewrites, layer hooks): for a strategy that changes the computation itself (the SAISA
+        layer's key-only visual rows). Called after the session registered its own."""

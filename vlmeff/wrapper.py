@@ -267,6 +267,11 @@ class VLMWrapper:
             row_flops = prefill_flops(self.config, image_tokens=encoder, projected_tokens=projected,
                                       tokens_per_layer=text + kept if layer_lengths is None else layer_lengths[row],
                                       vision_layer_tokens=None if None in layer_tokens else layer_tokens)
+            for strategy in self.strategies:  # a strategy that changes the LLM's computation counts its own
+                llm_side = strategy.llm_flops(self.config, text, kept) if mine else None
+                if llm_side is not None:
+                    row_flops = FlopsBreakdown(row_flops.vision, row_flops.projector + llm_side.projector,
+                                               llm_side.llm)
             stats.per_sample_flops.append(row_flops.total)
             reduced += row_flops
         stats.flops, stats.flops_vanilla = reduced.to_dict(), vanilla.to_dict()
