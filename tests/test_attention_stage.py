@@ -226,6 +226,36 @@ def test_pai_boost_equals_a_hand_edited_row():
     assert torch.equal(got[:, :4], out[:, :4])  # other rows untouched
 
 
+def test_pai_decode_row_alone_equals_the_hand_edited_row():
+    """A decode step (one query row) is computed from the edited scores alone, without the backend's pass."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    image = torch.tensor([[False, True, True, False, False, False], [False, False, True, True, True, False]])
+    from vlmeff.pruners.attention.pai import boost
+
+    got = Router._edited_last_row(3, [lambda layer, s: boost(s, image, 0.2)], AttentionInputs(q, k, v, None, 0.3), None)
+    assert got.shape == (2, 1, 4, 8)
+    for b in range(2):
+        for h in range(4):
+            a = [float(q[b, h, 0] @ k[b, h // 2, j]) * 0.3 for j in range(6)]
+            a = [x + 0.2 * abs(x) if image[b, j] else x for j, x in enumerate(a)]
+            torch.testing.assert_close(got[b, 0, h], torch.softmax(torch.tensor(a), 0) @ v[b, h // 2],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_pai_with_alpha_zero_generates_the_unwrapped_scores(llava):
+    model, processor = llava
+    inputs = batch(processor)
+    kwargs = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        reference = model.generate(**inputs, **kwargs)
+    with vlmeff.wrap(model, processor, "pai:alpha=0") as vm:
+        out = vm.generate(**inputs, **kwargs)
+    assert torch.equal(out.sequences, reference.sequences)
+    for got, want in zip(out.scores, reference.scores):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_pai_changes_the_answer_distribution_only_from_start_layer(llava):
     model, processor = llava
     inputs = make_inputs(processor, PROMPTS[:1], [[make_image(5)]])

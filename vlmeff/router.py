@@ -233,13 +233,18 @@ class Router:
     def attend(self, module, query, key, value, mask, kwargs):
         layer = module.layer_idx
         replacement = self._replacements.get(layer)
-        if replacement is not None:
-            out, weights = replacement(module, query, key, value, mask, **kwargs)
-        else:
-            out, weights = run_backend(self.backend, module, query, key, value, mask, **kwargs)
         edits = self._edits.get(layer)
-        if edits:
-            out = self._edited_last_row(layer, edits, AttentionInputs(query, key, value, mask, kwargs["scaling"]), out)
+        if edits and replacement is None and query.shape[2] == 1:  # a decode step: the edited row is the output
+            inputs = AttentionInputs(query, key, value, mask, kwargs["scaling"])
+            out, weights = self._edited_last_row(layer, edits, inputs, None), None
+        else:
+            if replacement is not None:
+                out, weights = replacement(module, query, key, value, mask, **kwargs)
+            else:
+                out, weights = run_backend(self.backend, module, query, key, value, mask, **kwargs)
+            if edits:
+                inputs = AttentionInputs(query, key, value, mask, kwargs["scaling"])
+                out = self._edited_last_row(layer, edits, inputs, out)
         if self.phase == "prefill" and layer in self._observers:
             inputs = AttentionInputs(query, key, value, mask, kwargs.get("scaling"))
             for fn in self._observers[layer]:
@@ -247,8 +252,9 @@ class Router:
         return out, weights
 
     @staticmethod
-    def _edited_last_row(layer: int, edits: list[ScoreEdit], inputs: AttentionInputs, out: torch.Tensor):
-        """out [B, S, H, hd] with row S-1 recomputed from edited scores (softmax in float32, as eager does)."""
+    def _edited_last_row(layer: int, edits: list[ScoreEdit], inputs: AttentionInputs, out: torch.Tensor | None):
+        """out [B, S, H, hd] with row S-1 recomputed from edited scores (softmax in float32, as eager does); with
+        out None (one query row: a decode step) that row alone, [B, 1, H, hd], without running the backend."""
         row = torch.tensor([inputs.query.shape[2] - 1], device=inputs.query.device)
         scores = inputs.logits(row)[:, :, 0]  # [B, H, K], masked -inf
         for fn in edits:
@@ -256,6 +262,8 @@ class Router:
         probs = torch.softmax(scores, dim=-1).to(inputs.value.dtype)
         values = inputs.value.repeat_interleave(inputs.query.shape[1] // inputs.value.shape[1], dim=1)
         last = torch.einsum("bhk,bhkd->bhd", probs, values)  # [B, H, hd]
+        if out is None:
+            return last[:, None].to(inputs.query.dtype)
         out = out.clone()
         out[:, -1] = last.to(out.dtype)
         return out
