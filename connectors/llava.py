@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from vlmeff.attention_rows import cls_attention_row
+from vlmeff.attention_rows import cls_attention_one_head, cls_attention_row
 from vlmeff.connector import Connector, VisionProbe
 from vlmeff.connectors.vision_towers import vit_spec
 from vlmeff.kernels import gather_tokens
@@ -26,7 +26,7 @@ class LlavaProbe(VisionProbe):
     def __init__(self, connector: LlavaConnector, hidden_states: tuple[torch.Tensor, ...]):
         self.connector = connector
         self.hidden_states = hidden_states
-        self._cls: dict[int, torch.Tensor] = {}
+        self._cls: dict[int | tuple[str, int], torch.Tensor] = {}
         self._keys: dict[int, torch.Tensor] = {}
 
     def keys(self, image: int, block: int | None = None) -> torch.Tensor:
@@ -41,6 +41,19 @@ class LlavaProbe(VisionProbe):
                 _, k, _, _ = spec.cls_query_keys(layer, self.hidden_states[block])  # input of block = hs[block]
             self._keys[block] = k.float()  # [I, T, H*hd]
         return self._keys[block][image]
+
+    def cls_attention_one_head(self, image: int, block: int | None = None) -> torch.Tensor:
+        if not self.connector.has_cls:
+            return super().cls_attention_one_head(image, block)
+        block = self.connector.feature_layer_index - 1 if block is None else block
+        key = ("one-head", block)
+        if key not in self._cls:
+            spec = self.connector.vit
+            layer = spec.layers(self.connector.model.model.vision_tower)[block]
+            with torch.no_grad():
+                q, k, _, _ = spec.cls_query_keys(layer, self.hidden_states[block])
+                self._cls[key] = cls_attention_one_head(q, k)[:, 1:]  # [I, V] patch columns
+        return self._cls[key][image]
 
     def cls_attention(self, image: int, block: int | None = None) -> torch.Tensor:
         if not self.connector.has_cls:

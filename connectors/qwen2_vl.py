@@ -226,6 +226,10 @@ class Qwen2VLConnector(Connector):
     def video_token_id(self) -> int:
         return self.config.video_token_id
 
+    def image_span_ids(self) -> list[int]:
+        """<|vision_start|>, the image / video placeholders and <|vision_end|>."""
+        return [*super().image_span_ids(), self.config.vision_start_token_id, self.config.vision_end_token_id]
+
     def video_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int, int]]:
         """(1, h, w) merged-token grid of every temporal patch of every video, in order (t per video)."""
         if inputs.get("video_grid_thw") is None:

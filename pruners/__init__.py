@@ -6,6 +6,8 @@ from vlmeff.pruners.attention.naavit import NAAViT
 from vlmeff.pruners.attention.pai import PAI
 from vlmeff.pruners.attention.paint import PAINT
 from vlmeff.pruners.attention.saisa import SAISA
+from vlmeff.pruners.decoding.damro import DAMRO
+from vlmeff.pruners.decoding.vcd import VCD
 from vlmeff.pruners.in_llm.aim_prune import AIMPrune
 from vlmeff.pruners.in_llm.atp import ATP
 from vlmeff.pruners.in_llm.atp.learned import ATPLearned
@@ -17,4 +19,4 @@ from vlmeff.pruners.pre_llm.random import RandomPruner
 from vlmeff.pruners.pre_llm.visionzip import VisionZip
 from vlmeff.pruners.vision.flowcut import FlowCut, FlowCutLLM
 
-__all__ = ["CCA", "MMA", "NAAViT", "PAI", "PAINT", "SAISA", "AIM", "AIMPrune", "ATP", "ATPLearned", "FasterVLM", "FastV", "FlowCut", "FlowCutLLM", "Pool", "RandomPruner", "VisionZip"]
+__all__ = ["CCA", "MMA", "NAAViT", "PAI", "PAINT", "SAISA", "DAMRO", "VCD", "AIM", "AIMPrune", "ATP", "ATPLearned", "FasterVLM", "FastV", "FlowCut", "FlowCutLLM", "Pool", "RandomPruner", "VisionZip"]

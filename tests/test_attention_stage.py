@@ -249,7 +249,7 @@ def test_pai_with_alpha_zero_generates_the_unwrapped_scores(llava):
     kwargs = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         reference = model.generate(**inputs, **kwargs)
-    with vlmeff.wrap(model, processor, "pai:alpha=0") as vm:
+    with vlmeff.wrap(model, processor, "pai:alpha=0,cfg=false") as vm:  # the boost alone
         out = vm.generate(**inputs, **kwargs)
     assert torch.equal(out.sequences, reference.sequences)
     for got, want in zip(out.scores, reference.scores):
@@ -262,9 +262,9 @@ def test_pai_changes_the_answer_distribution_only_from_start_layer(llava):
     with torch.no_grad():
         reference = model(**inputs).logits[0, -1]
     depth = model.config.text_config.num_hidden_layers
-    with vlmeff.wrap(model, processor, f"pai:start_layer={depth}") as vm:  # no layer boosted
+    with vlmeff.wrap(model, processor, f"pai:start_layer={depth},cfg=false") as vm:  # no layer boosted
         assert torch.equal(vm(**inputs).logits[0, -1], reference)
-    with vlmeff.wrap(model, processor, "pai:alpha=0.5") as vm:
+    with vlmeff.wrap(model, processor, "pai:alpha=0.5,cfg=false") as vm:
         assert not torch.allclose(vm(**inputs).logits[0, -1], reference)
 
 

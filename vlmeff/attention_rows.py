@@ -28,3 +28,13 @@ def global_query_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> to
     """
     q_global = q.mean(0)  # [H, hd]
     return torch.softmax(torch.einsum("hd,nhd->hn", q_global, k) * scale, dim=-1).mean(0)
+
+
+def cls_attention_one_head(q_cls: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """DAMRO's [CLS] row: ONE softmax over the full width (all heads' q / k concatenated), scale 1 / sqrt(width).
+
+    q_cls: [I, 1, W], keys: [I, T, W] -> [I, T] float32 (column 0 is the [CLS] key itself).
+    """
+    width = keys.shape[-1]
+    scores = torch.einsum("iw,itw->it", q_cls[:, 0].float(), keys.float()) / width ** 0.5
+    return torch.softmax(scores, dim=-1)

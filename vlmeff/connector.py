@@ -53,6 +53,11 @@ class VisionProbe:
             "score (fastervlm:scorer=global_query, FlowCut's mean-query global token)"
         )
 
+    def cls_attention_one_head(self, image: int, block: int | None = None) -> torch.Tensor:
+        """[V]: the [CLS] row as ONE head over the full width (DAMRO's reading of the tower), patch columns."""
+        raise NotApplicableError("this vision tower has no [CLS] token, so DAMRO's [CLS]-attention outliers are not "
+                                 "defined")
+
     def keys(self, image: int, block: int | None = None) -> torch.Tensor:
         """[T, H * head_dim]: attention keys of one encoder block (default: the feature block) for all T tokens
         of the image (with [CLS] first when the tower has one), heads concatenated."""
@@ -78,7 +83,7 @@ class ReducedVisionProbe(VisionProbe):
             "after it, or drop the vision-stage strategy"
         )
 
-    cls_attention = keys = global_query_attention = _unavailable
+    cls_attention = cls_attention_one_head = keys = global_query_attention = _unavailable
 
 
 def find_runs(is_token: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -142,6 +147,13 @@ class Connector:
     @property
     def image_token_id(self) -> int:
         return self.config.image_token_id
+
+    def image_span_ids(self) -> list[int]:
+        """Token ids that make up an image in the prompt (what a text-only contrast branch drops): the placeholders,
+        and where the family wraps them, the wrapping tokens."""
+        ids = [self.image_token_id]
+        video = getattr(self, "video_token_id", None)
+        return ids if video is None else [*ids, video]
 
     @property
     def pad_token_id(self) -> int:

@@ -207,7 +207,9 @@ class LLMSession:
             first = self._layer_segment[layer]
             layout = self.layout0 if first is None else self._segments[first].layout
             image_keys = layout.over_keys(layout.visual, scores.shape[-1])  # generated tokens are no image keys
-            return strategy.edit_scores(layer, scores, layout, image_keys, self.states[id(strategy)])
+            state = self.states[id(strategy)]
+            state["phase"] = self.router.phase
+            return strategy.edit_scores(layer, scores, layout, image_keys, state)
         return edit
 
     def _pre_layer(self, index: int):

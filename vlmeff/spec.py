@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from vlmeff.decoding import DecodingStrategy
 from vlmeff.registry import STRATEGIES
 from vlmeff.strategy import (
     IMPLEMENTED_STAGES,
@@ -125,6 +126,9 @@ def build_pipeline(strategies: list[Strategy]) -> list[Strategy]:
             )
         if s.stage is Stage.IN_LLM and not isinstance(s, LLMPruner):
             raise StrategyError(f"{s.name}: an in-LLM strategy must subclass vlmeff.LLMPruner (prune_layers / select)")
+        if s.stage is Stage.DECODING and not isinstance(s, DecodingStrategy):
+            raise StrategyError(f"{s.name}: a decoding-stage strategy must subclass vlmeff.decoding.DecodingStrategy "
+                                "(branches / combine)")
         if s.stage is Stage.ATTENTION and not isinstance(s, AttentionStrategy):
             raise StrategyError(f"{s.name}: an attention-stage strategy must subclass vlmeff.AttentionStrategy "
                                 "(positions / mask_functions / edit_scores)")

@@ -41,8 +41,8 @@ class Stage(str, enum.Enum):
     DECODING = "decoding"
 
 
-# Stages the wrapper executes in this release; a strategy of another stage is refused with a clear error.
-IMPLEMENTED_STAGES = (Stage.VISION, Stage.PRE_LLM, Stage.IN_LLM, Stage.ATTENTION)
+# Stages the wrapper executes; a strategy of another stage is refused with a clear error.
+IMPLEMENTED_STAGES = (Stage.VISION, Stage.PRE_LLM, Stage.IN_LLM, Stage.ATTENTION, Stage.DECODING)
 POSITION_MODES = ("auto", "reindex", "preserve")
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from vlmeff.connector import Connector
+from vlmeff.decoding import BranchPlan, BranchRowsDone, ContrastLogits, stack_batches
 from vlmeff.flops import FlopsBreakdown, prefill_flops
 from vlmeff.llm_stage import LLMSession
 from vlmeff.registry import CONNECTORS
@@ -35,6 +36,7 @@ from vlmeff.strategy import (
     ProbeUnavailableError,
     SelectionRecord,
     Stage,
+    StrategyError,
     TokenReducer,
 )
 
@@ -110,6 +112,7 @@ class VLMWrapper:
         self._timing = False
         self._prefills = 0  # prefill calls of the language model in this call (phase from the cache length)
         self._session: LLMSession | None = None
+        self._plan: BranchPlan | None = None  # contrast branches of the current call (decoding stage)
 
     # --- context manager / unwrap ------------------------------------------------------------------------------
     def __enter__(self) -> VLMWrapper:
@@ -158,35 +161,64 @@ class VLMWrapper:
         self.stats = RunStats()
         self.last_record = []
         self._session = None
+        self._plan = None
         if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None:  # text only
             self.stats.text_tokens = int(_mask(inputs).sum())
             self._count(inputs, [], [])
             return {k: v for k, v in inputs.items() if v is not None}
         t0 = time.perf_counter()
         with torch.no_grad():
+            decoding = [s for s in self.strategies if s.stage is Stage.DECODING]
+            if decoding:  # contrast branches: extra rows of the same batch
+                branches = decoding[0].branches(inputs, self.connector)
+                self._plan = BranchPlan(decoding[0], int(inputs["input_ids"].shape[0]), branches)
+                inputs = stack_batches([inputs, *[b.inputs for b in branches]], self.connector.pad_token_id)
             vision = [s for s in self.strategies if s.stage is Stage.VISION]
             slots, images = self.connector.prepare_tokens(inputs, vision)  # vision-stage strategies prune inside
             images = self._mark_frames(inputs, slots, images, frames)
             self._sync()
             t1 = time.perf_counter()
-            for strategy in self.strategies:
-                if strategy.stage is Stage.PRE_LLM:
-                    if strategy.token_space == "llm":
-                        images = self.connector.project_images(images)
-                    try:
-                        images = strategy.reduce(images)
-                    except ProbeUnavailableError as e:
-                        raise ProbeUnavailableError(
-                            f"{strategy.name} cannot follow a vision-stage reduction: {e}") from None
+            images = self._pre_llm(images)
             model_kwargs = self.connector.assemble(inputs, slots, images, self.positions)
             self._sync()
         t2 = time.perf_counter()
         self.stats.encode_s, self.stats.strategy_s = t1 - t0, t2 - t1
-        self.last_record = [img.finish_record() for img in images]
+        records = [img.finish_record() for img in images]
+        self.last_record = [r for r in records if r.sample < self._main_rows(inputs)]
         self._count(inputs, slots, images)
         self._slots, self._images = slots, images
         self._session = self._llm_session(model_kwargs, images)
         return model_kwargs
+
+    def _main_rows(self, inputs: dict[str, Any]) -> int:
+        """Rows of the caller's batch (the first rows of `inputs`; contrast branch rows follow them)."""
+        return self._plan.rows if self._plan is not None else int(inputs["input_ids"].shape[0])
+
+    def _pre_llm(self, images: list[ImageTokens]) -> list[ImageTokens]:
+        """The pre-LLM strategies, in order, on every image; the images of a contrast branch with its own reducers
+        go through those instead (e.g. DAMRO's outlier tokens)."""
+        pipelines: dict[int, list] = {0: [s for s in self.strategies if s.stage is Stage.PRE_LLM]}
+        if self._plan is not None:
+            for i, branch in enumerate(self._plan.branches):
+                if branch.reducers is not None:
+                    pipelines[i + 1] = list(branch.reducers)
+        groups: dict[int, list[int]] = {}
+        for i, img in enumerate(images):
+            key = 0 if self._plan is None else self._plan.branch_of(img.record.sample)
+            groups.setdefault(key if key in pipelines else 0, []).append(i)
+        out = list(images)
+        for key, members in groups.items():
+            part = [images[i] for i in members]
+            for strategy in pipelines[key]:
+                if strategy.token_space == "llm":
+                    part = self.connector.project_images(part)
+                try:
+                    part = strategy.reduce(part)
+                except ProbeUnavailableError as e:
+                    raise ProbeUnavailableError(f"{strategy.name} cannot follow a vision-stage reduction: {e}") from None
+            for i, img in zip(members, part):
+                out[i] = img
+        return out
 
     def _mark_frames(self, inputs: dict[str, Any], slots, images: list[ImageTokens],
                      frames: Sequence[int | None] | None) -> list[ImageTokens]:
@@ -214,7 +246,7 @@ class VLMWrapper:
         edits), or None when no such strategy runs (or no image). Position rules of attention strategies are applied
         here, to the layout and to the model kwargs (generate continues them in every decode step)."""
         inside = [s for s in self.strategies if s.stage in (Stage.IN_LLM, Stage.ATTENTION)]
-        if not inside or not images:
+        if not (inside or self._plan is not None) or not images:
             return None
         ids = model_kwargs["input_ids"]
         video_token = getattr(self.connector, "video_token_id", None)
@@ -229,7 +261,10 @@ class VLMWrapper:
             if moved is not layout:
                 layout = moved
                 model_kwargs["position_ids"] = self.connector.model_positions(layout)
-        return LLMSession(self.model, [s for s in inside if s.stage is Stage.IN_LLM], layout, images, attention)
+        session = LLMSession(self.model, [s for s in inside if s.stage is Stage.IN_LLM], layout, images, attention)
+        if self._plan is not None:
+            session.router.on_call(self._plan.follow_main)  # decode steps: branch rows take their main row's token
+        return session
 
     def _run_llm(self, fn, *args, **kwargs):
         """Call the model (forward or generate) inside the in-LLM session when there is one; update the stats."""
@@ -240,29 +275,36 @@ class VLMWrapper:
             out = fn(*args, **kwargs)
         self.stats.strategy_s += session.strategy_s
         self._count(self._inputs, self._slots, self._images, session.layer_lengths)
-        self.stats.equivalent_tokens = session.equivalent_tokens()
-        self.stats.per_sample_equivalent_tokens = session.per_sample_equivalent_tokens()
+        main = self._main_rows(self._inputs)
+        self.stats.per_sample_equivalent_tokens = session.per_sample_equivalent_tokens()[:main]
+        self.stats.equivalent_tokens = sum(self.stats.per_sample_equivalent_tokens)
         return out
 
     def _count(self, inputs, slots, images, layer_lengths: list[list[int]] | None = None) -> None:
-        """Token and FLOP stats; `layer_lengths[b][l]`: real tokens entering LLM layer l of row b (in-LLM removal)."""
+        """Token and FLOP stats; `layer_lengths[b][l]`: real tokens entering LLM layer l of row b (in-LLM removal).
+        Token counts are those of the caller's rows; FLOPs include the contrast branch rows (the cost paid: row b's
+        per-sample FLOPs add its branch rows'), the vanilla FLOPs are those of the caller's rows alone."""
         self._inputs = inputs
         stats = self.stats
-        stats.per_sample_flops = []
-        stats.visual_tokens_in = sum(s.length for s in slots)
-        stats.visual_tokens_kept = sum(img.features.shape[0] for img in images)
-        stats.text_tokens = int(_mask(inputs).sum()) - stats.visual_tokens_in
-        vanilla, reduced = FlopsBreakdown(0, 0, 0), FlopsBreakdown(0, 0, 0)
+        rows = int(inputs["input_ids"].shape[0])
+        main = self._main_rows(inputs)
         mask = _mask(inputs)
-        for row in range(inputs["input_ids"].shape[0]):
+        main_pairs = [(s, img) for s, img in zip(slots, images) if s.sample < main]
+        stats.visual_tokens_in = sum(s.length for s, _ in main_pairs)
+        stats.visual_tokens_kept = sum(img.features.shape[0] for _, img in main_pairs)
+        stats.text_tokens = int(mask[:main].sum()) - stats.visual_tokens_in
+        vanilla, reduced = FlopsBreakdown(0, 0, 0), FlopsBreakdown(0, 0, 0)
+        stats.per_sample_flops = [0] * main
+        for row in range(rows):
             mine = [(s, img) for s, img in zip(slots, images) if s.sample == row]
             text = int(mask[row].sum()) - sum(s.length for s, _ in mine)
             encoder = [self.connector.encoder_tokens(s) for s, _ in mine]
             full = sum(s.length for s, _ in mine)
             kept = sum(img.features.shape[0] for _, img in mine)
             projected = sum(img.record.projected_tokens for _, img in mine)
-            vanilla += prefill_flops(self.config, image_tokens=encoder, projected_tokens=full,
-                                     tokens_per_layer=text + full)
+            if row < main:
+                vanilla += prefill_flops(self.config, image_tokens=encoder, projected_tokens=full,
+                                         tokens_per_layer=text + full)
             layer_tokens = [self.connector.encoder_layer_tokens(s, img.record) for s, img in mine]
             row_flops = prefill_flops(self.config, image_tokens=encoder, projected_tokens=projected,
                                       tokens_per_layer=text + kept if layer_lengths is None else layer_lengths[row],
@@ -272,13 +314,12 @@ class VLMWrapper:
                 if llm_side is not None:
                     row_flops = FlopsBreakdown(row_flops.vision, row_flops.projector + llm_side.projector,
                                                llm_side.llm)
-            stats.per_sample_flops.append(row_flops.total)
+            stats.per_sample_flops[row % main] += row_flops.total
             reduced += row_flops
         stats.flops, stats.flops_vanilla = reduced.to_dict(), vanilla.to_dict()
         stats.equivalent_tokens = float(stats.visual_tokens_kept)
         stats.per_sample_equivalent_tokens = [
-            float(sum(img.features.shape[0] for s, img in zip(slots, images) if s.sample == row))
-            for row in range(inputs["input_ids"].shape[0])]
+            float(sum(img.features.shape[0] for s, img in main_pairs if s.sample == row)) for row in range(main)]
 
     @property
     def config(self):
@@ -293,6 +334,11 @@ class VLMWrapper:
         self._prefills = 0
         with torch.no_grad():
             out = self._run_llm(self.model, **model_kwargs, **extra)
+        plan = self._plan
+        if plan is not None:  # the caller's rows; their last position carries the combined scores
+            logits = out.logits[: plan.rows].clone()
+            logits[:, -1] = plan.combined(out.logits[:, -1].float())[: plan.rows].to(logits.dtype)
+            out.logits = logits
         self._sync()
         stats = self.stats
         stats.prefill_s = stats.encode_s + stats.strategy_s + stats.llm_prefill_s  # logits over all positions
@@ -307,6 +353,9 @@ class VLMWrapper:
         frames = kwargs.pop("frames", None)
         t0 = time.perf_counter()
         model_kwargs = self.prepare(frames, **inputs)
+        plan = self._plan
+        if plan is not None:
+            self._branch_generate_kwargs(plan, kwargs)
         self._prefills = 0
         out = self._run_llm(self.model.generate, **model_kwargs, **kwargs)
         self._sync()
@@ -314,13 +363,33 @@ class VLMWrapper:
         stats.total_s = time.perf_counter() - t0
         stats.prefill_s = stats.encode_s + stats.strategy_s + stats.llm_prefill_s
         sequences = out.sequences if hasattr(out, "sequences") else out
-        new = sequences[:, model_kwargs["input_ids"].shape[1]:]
+        rows = inputs["input_ids"].shape[0]
+        new = sequences[:rows, model_kwargs["input_ids"].shape[1]:]  # the caller's rows (branch rows follow them)
         stats.new_tokens = int(new.shape[1])
         full = torch.cat([inputs["input_ids"], new], dim=1)
         if hasattr(out, "sequences"):
             out.sequences = full
+            for name in ("scores", "logits"):
+                if plan is not None and getattr(out, name, None) is not None:
+                    setattr(out, name, tuple(x[:rows] for x in getattr(out, name)))
             return out
         return full
+
+    def _branch_generate_kwargs(self, plan: BranchPlan, kwargs: dict[str, Any]) -> None:
+        """generate kwargs for a call with contrast branches: the combination first among the caller's logits
+        processors (so before temperature / top-k / top-p), branch rows finished from the first step."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        config = kwargs.get("generation_config") or self.model.generation_config
+        for name in ("num_beams", "num_return_sequences"):
+            value = kwargs.get(name, getattr(config, name, 1)) or 1
+            if value > 1:
+                raise StrategyError(f"{plan.strategy.name}: {name}={value} is not supported with contrast branches "
+                                    "(the branch rows would have to follow every beam / sequence); use greedy or "
+                                    "sampling with one sequence per prompt")
+        kwargs["logits_processor"] = LogitsProcessorList([ContrastLogits(plan), *(kwargs.get("logits_processor") or [])])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([BranchRowsDone(plan.rows),
+                                                            *(kwargs.get("stopping_criteria") or [])])
 
     def chat(self, image, text: str, max_new_tokens: int = 64, **generate_kwargs) -> str:
         """Ask one question about one image (path, PIL image or array); returns the decoded answer."""

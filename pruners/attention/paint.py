@@ -9,17 +9,21 @@ the whole batch: not copied):
 In decoder layers [start_layer, L), on the last query row of every call (scaled, masked scores a): local keys
 a += alpha_local |a| (0.7), summary keys a += alpha_summary |a| (0.3); the other image keys are NOT boosted.
 Cells are chosen on the full grid; after a reduction only the kept cells of each set are boosted.
-BOOST ONLY: PAI's CFG half (gamma 1.1) needs the decoding stage, not run yet (the released code switches the boost
-off while CFG is on). Needs a [CLS] token; the head-specific modulation of the paper is not in the released code and
-not offered.
+Decoding half (`paint-cfg`, added by `expand` when cfg=true, the default): PAI's CFG against the text-only prompt
+(gamma 1.1, `vlmeff.decoding.TextOnlyGuidance`). gate: "paper" (default) boosts in every call; "reference" copies the
+released code, which switches the boost off in the conditional prefill while CFG is on. Needs a [CLS] token.
+heads="specific": the paper's head-specific modulation, alpha_h = alpha v_h / mean_h(v), v_h = head h's attention
+mass on image keys before the boost. NOT in the released code (vlmeff's reading of the paper); default "uniform".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from vlmeff.decoding import TextOnlyGuidance
 from vlmeff.registry import register_strategy
 from vlmeff.strategy import AttentionStrategy, NotApplicableError, StrategyError
 
@@ -36,19 +40,33 @@ def paint_sets(first_row: torch.Tensor, feature_row: torch.Tensor, local_ratio: 
     return local & ~summary, summary
 
 
+@dataclass
+class PAINTGuidance(TextOnlyGuidance):
+    """PAINT's decoding half: PAI's CFG against the text-only prompt (added by `paint` when cfg=true)."""
+
+    name = "paint-cfg"
+    summary = "decoding: PAINT's classifier-free guidance against the prompt without its image"
+    paper = "arXiv 2501.12206"
+
+
 @register_strategy
 @dataclass
 class PAINT(AttentionStrategy):
     """Boost local (early-layer [CLS]) and summary (feature-layer outlier) image keys of the last query row."""
 
     name = "paint"
-    summary = "attention: boost local (block-0 CLS top 25%) and summary (outlier) image keys; BOOST ONLY, needs CLS"
+    summary = ("attention + decoding: boost local (block-0 CLS top 25%) and summary (outlier) image keys, and CFG "
+               "against the text-only prompt (cfg=false: boosts only); needs CLS")
     paper = "arXiv 2501.12206"
 
     alpha_local: float = 0.7
     alpha_summary: float = 0.3
     local_ratio: float = 0.25
     start_layer: int = 2
+    cfg: bool = True
+    gamma: float = 1.1
+    gate: Literal["paper", "reference"] = "paper"
+    heads: Literal["uniform", "specific"] = "uniform"
 
     def __post_init__(self):
         for name in ("alpha_local", "alpha_summary"):
@@ -58,6 +76,10 @@ class PAINT(AttentionStrategy):
             raise StrategyError(f"paint.local_ratio={self.local_ratio}: must be in (0, 1]")
         if self.start_layer < 0:
             raise StrategyError(f"paint.start_layer={self.start_layer}: must be >= 0 (a decoder layer index)")
+        PAINTGuidance(gamma=self.gamma)  # validates gamma
+
+    def expand(self, connector):
+        return [self, PAINTGuidance(gamma=self.gamma)] if self.cfg else [self]
 
     def check_applicable(self, connector) -> None:
         if not connector.has_cls:
@@ -91,6 +113,13 @@ class PAINT(AttentionStrategy):
             state["cached"] = (key, state["local"][image, cell] & real, state["summary"][image, cell] & real)
         _, local, summary = state["cached"]
         local, summary = layout.over_keys(local, scores.shape[-1]), layout.over_keys(summary, scores.shape[-1])
+        if self.gate == "reference" and self.cfg and state.get("phase") == "prefill":
+            return scores  # the released code's CFG path skips the boost in the conditional prefill
         finite = torch.isfinite(scores)
         gain = self.alpha_local * local[:, None] + self.alpha_summary * summary[:, None]  # [B, 1, K]
+        if self.heads == "specific":  # alpha_h = alpha v_h / mean_h(v): not in the released code
+            mass = (torch.softmax(scores, dim=-1) * image_keys[:, None]).sum(-1)  # [B, H]
+            mean = mass.mean(-1, keepdim=True)
+            ratio = torch.where(mean > 0, mass / mean.clamp(min=1e-12), torch.ones_like(mass))
+            gain = gain * ratio[..., None]
         return torch.where(finite, scores + gain * scores.abs(), scores)
