@@ -16,6 +16,7 @@ import platform
 import re
 import sys
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -108,9 +109,16 @@ def read_done(path: Path) -> dict[str, dict]:
 
 
 class PopeRunner:
+    """Answers POPE questions per strategy spec. generation: extra generate kwargs (sampling: do_sample,
+    temperature, top_p, top_k); with sampling each batch is seeded from `seed` and its first question's id, so a
+    resumed run draws what an uninterrupted one would."""
+
     def __init__(self, model, processor, samples: list[PopeSample], output: Path, *,
                  image_loader: Callable[[PopeSample], Image.Image], batch_size: int = 8, max_new_tokens: int = 8,
-                 prompt_suffix: str = LLAVA_PROMPT_SUFFIX, progress: bool = True):
+                 prompt_suffix: str = LLAVA_PROMPT_SUFFIX, progress: bool = True,
+                 generation: dict | None = None, seed: int = 0):
+        self.generation = dict(generation or {})
+        self.seed = seed
         self.model = model
         self.processor = processor
         self.samples = samples
@@ -154,28 +162,56 @@ class PopeRunner:
             vm.unwrap()
         return [done[f"{s.question_id}|{s.split}"] for s in self.samples]
 
-    def _answer(self, vm, batch: list[PopeSample], blind: bool = False) -> list[dict]:
+    def _generate(self, vm, batch: list, blind: bool = False) -> list[str]:
+        """The batch's decoded answers (greedy, or seeded sampling)."""
         images = None if blind else [self.image_loader(s) for s in batch]
         texts = [self.prompt(s, with_image=not blind) for s in batch]
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.model.device)
+        kwargs = {"do_sample": False, **self.generation}
+        if kwargs["do_sample"]:
+            torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(f"{batch[0].question_id}|{batch[0].split}".encode()))
         with torch.no_grad():
-            out = vm.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        answers = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        stats, n = vm.stats, len(batch)
+            out = vm.generate(**inputs, max_new_tokens=self.max_new_tokens, **kwargs)
+        return [a.strip() for a in
+                self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+    @staticmethod
+    def _costs(vm, n: int) -> list[dict]:
+        """Per batch row: kept / visual / equivalent tokens, prefill FLOPs and per-question times of the last call."""
+        stats = vm.stats
         kept = defaultdict(int)
         total = defaultdict(int)
         for r in vm.last_record:
             kept[r.sample] += r.num_kept
             total[r.sample] += r.num_tokens
-        return [{
-            "question_id": s.question_id, "split": s.split, "image_id": s.image_id, "label": s.label,
-            "answer": a.strip(), "kept_tokens": kept[i], "visual_tokens": total[i],
-            "equivalent_tokens": round(stats.per_sample_equivalent_tokens[i], 3)
-            if stats.per_sample_equivalent_tokens else kept[i],
-            "prefill_flops": stats.per_sample_flops[i] if stats.per_sample_flops else 0,
-            "prefill_s": round(stats.prefill_s / n, 5), "total_s": round(stats.total_s / n, 5),
-            "batch_size": n,
-        } for i, (s, a) in enumerate(zip(batch, answers))]
+        return [{"kept_tokens": kept[i], "visual_tokens": total[i],
+                 "equivalent_tokens": round(stats.per_sample_equivalent_tokens[i], 3)
+                 if stats.per_sample_equivalent_tokens else kept[i],
+                 "prefill_flops": stats.per_sample_flops[i] if stats.per_sample_flops else 0,
+                 "prefill_s": round(stats.prefill_s / n, 5), "total_s": round(stats.total_s / n, 5),
+                 "batch_size": n} for i in range(n)]
+
+    def _answer(self, vm, batch: list[PopeSample], blind: bool = False) -> list[dict]:
+        answers = self._generate(vm, batch, blind)
+        return [{"question_id": s.question_id, "split": s.split, "image_id": s.image_id, "label": s.label,
+                 "answer": a, **cost} for s, a, cost in zip(batch, answers, self._costs(vm, len(batch)))]
+
+
+class ChairRunner(PopeRunner):
+    """Captions every image per strategy spec (same resumable sample files as POPE, keyed by image)."""
+
+    def __init__(self, *args, prompt_text: str, **kwargs):
+        super().__init__(*args, prompt_suffix="", **kwargs)
+        self.prompt_text = prompt_text
+
+    def prompt(self, sample, with_image: bool = True) -> str:
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": self.prompt_text}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def _answer(self, vm, batch, blind: bool = False) -> list[dict]:
+        captions = self._generate(vm, batch, blind)
+        return [{"question_id": s.question_id, "split": s.split, "image_id": s.image_id, "caption": c, **cost}
+                for s, c, cost in zip(batch, captions, self._costs(vm, len(batch)))]
 
 
 def summarize(results: dict[str, list[dict]], parser: str) -> dict:
@@ -300,24 +336,44 @@ def default_image_loader(sample: PopeSample) -> Image.Image:
     return load_image(sample.image)
 
 
+def load_eval_model(args):
+    """(model, processor, name) for `vlmeff eval`: the bundled reference model by default."""
+    import vlmeff
+
+    if args.model in (None, "reference"):
+        from vlmeff.reference.model import load_reference
+
+        # float32 by default: bf16 matmuls were 7x slower than fp32 on the project's CPUs (see the model card)
+        model, processor = load_reference(dtype=vlmeff.loading.DTYPES[args.dtype if args.dtype != "auto" else "fp32"])
+        return model, processor, "reference"
+    model, processor = vlmeff.load(args.model, dtype=args.dtype, device=args.device)
+    return model, processor, args.model
+
+
+def generation_kwargs(args) -> dict:
+    """generate kwargs of the decoding setting: {} (greedy) or seeded sampling (`--sample`, the VCD / DAMRO
+    papers' setting: temperature 1, top-p 1, no top-k, unless overridden)."""
+    if not getattr(args, "sample", False):
+        return {}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+
+
+def decoding_label(generation: dict) -> str:
+    if not generation.get("do_sample"):
+        return "greedy"
+    return (f"sampling (temperature {generation['temperature']}, top-p {generation['top_p']}, "
+            f"top-k {generation['top_k'] or 'off'})")
+
+
 def run_pope_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
     """`vlmeff eval --benchmark pope`: load model and data, run every strategy spec, write the reports."""
-    import vlmeff
     from vlmeff.eval.pope import load_pope, load_synthetic, synthetic_image
 
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.resume:
         raise FileExistsError(f"output folder {output} is not empty: pass --resume to continue it, or a new --output")
     torch.manual_seed(args.seed)
-    if args.model in (None, "reference"):
-        from vlmeff.reference.model import load_reference
-
-        # float32 by default: bf16 matmuls were 7x slower than fp32 on the project's CPUs (see the model card)
-        model, processor = load_reference(dtype=vlmeff.loading.DTYPES[args.dtype if args.dtype != "auto" else "fp32"])
-        model_name = "reference"
-    else:
-        model, processor = vlmeff.load(args.model, dtype=args.dtype, device=args.device)
-        model_name = args.model
+    model, processor, model_name = load_eval_model(args)
     splits = args.split.split(",") if args.split else ["random", "popular", "adversarial"]
     if args.data:
         samples = load_pope(args.data, splits, image_dir=args.image_dir)
@@ -325,11 +381,12 @@ def run_pope_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
     else:
         samples = [s for s in load_synthetic() if s.split in splits]
         loader = synthetic_image
-    if not args.full and args.limit:
+    limit = 60 if args.limit is None else args.limit
+    if not args.full and limit:
         per_split: dict[str, int] = defaultdict(int)
         kept_samples = []
         for s in samples:
-            if per_split[s.split] < args.limit:
+            if per_split[s.split] < limit:
                 per_split[s.split] += 1
                 kept_samples.append(s)
         samples = kept_samples
@@ -343,10 +400,10 @@ def run_pope_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
     env.update({"model": model_name, "data": args.data or "synthetic-pope", "splits": splits,
                 "questions_per_split": {s: sum(1 for x in samples if x.split == s) for s in splits},
                 "strategies": specs, "parser": args.parser, "batch_size": args.batch_size,
-                "dtype": str(model.dtype)})
+                "dtype": str(model.dtype), "generation": generation_kwargs(args)})
     (output / "run.json").write_text(json.dumps(env, indent=1))
     runner = PopeRunner(model, processor, samples, output, image_loader=loader, batch_size=args.batch_size,
-                        max_new_tokens=args.max_new_tokens)
+                        max_new_tokens=args.max_new_tokens or 8, generation=generation_kwargs(args), seed=args.seed)
     t0 = time.time()
     results = {spec: runner.run(spec) for spec in specs}
     summary = summarize(results, args.parser)
@@ -356,3 +413,117 @@ def run_pope_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
     print((output / "table.md").read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return paths
+
+
+# --------------------------------------------------------------------------------------------------- CHAIR
+
+
+def summarize_chair(results: dict[str, list[dict]], samples: list, vocab) -> dict:
+    """Per spec: CHAIR_S / CHAIR_I / recall / mean length and the mean kept tokens, FLOPs and times."""
+    from vlmeff.eval.chair import chair_scores
+
+    summary = {}
+    for spec, records in results.items():
+        n = max(1, len(records))
+        summary[spec] = {
+            "spec": spec, "metrics": chair_scores([r["caption"] for r in records], samples, vocab), "n": len(records),
+            "kept_tokens": sum(r["kept_tokens"] for r in records) / n,
+            "equivalent_tokens": sum(r.get("equivalent_tokens", r["kept_tokens"]) for r in records) / n,
+            "prefill_gflops": sum(r["prefill_flops"] for r in records) / n / 1e9,
+            "prefill_ms": 1e3 * sum(r["prefill_s"] for r in records) / n,
+            "total_ms": 1e3 * sum(r["total_s"] for r in records) / n,
+        }
+    return summary
+
+
+def chair_table(summary: dict, setting: str) -> str:
+    head = ["strategy", "kept tokens", "equiv. tokens", "prefill GFLOPs", "CHAIR_S", "CHAIR_I", "recall",
+            "mean length", "total ms", "n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for spec, s in summary.items():
+        m = s["metrics"]
+        row = [spec, round(s["kept_tokens"], 1), round(s["equivalent_tokens"], 1), round(s["prefill_gflops"], 2),
+               round(100 * m["chair_s"], 1), round(100 * m["chair_i"], 1), round(100 * m["recall"], 1),
+               round(m["mean_length"], 1), round(s["total_ms"], 1), s["n"]]
+        lines.append("| " + " | ".join(map(str, row)) + " |")
+    return "\n".join(lines) + (f"\n\n{setting}. CHAIR_S / CHAIR_I / recall in % (lower CHAIR is better); mean length in "
+                               "words; total ms = generation time per caption.\n")
+
+
+def plot_chair(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specs = list(summary)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(specs) + 1.6), dpi=120)
+    y = range(len(specs))
+    ax.barh([i - 0.2 for i in y], [100 * summary[s]["metrics"]["chair_s"] for s in specs], height=0.4,
+            label="CHAIR_S")
+    ax.barh([i + 0.2 for i in y], [100 * summary[s]["metrics"]["chair_i"] for s in specs], height=0.4,
+            label="CHAIR_I")
+    ax.set_yticks(list(y), [s[:48] for s in specs], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("% (lower is better)")
+    ax.set_title(title, fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_chair_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
+    """`vlmeff eval --benchmark chair`: caption held-out synthetic scenes (reference model) or COCO images."""
+    from vlmeff.eval.chair import (
+        COCO_MAX_NEW_TOKENS,
+        COCO_PROMPT,
+        REFERENCE_MAX_NEW_TOKENS,
+        REFERENCE_PROMPT,
+        ObjectVocabulary,
+        load_coco_chair,
+        load_synthetic_chair,
+    )
+    from vlmeff.eval.pope import synthetic_image
+
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.resume:
+        raise FileExistsError(f"output folder {output} is not empty: pass --resume to continue it, or a new --output")
+    torch.manual_seed(args.seed)
+    model, processor, model_name = load_eval_model(args)
+    if args.data:
+        samples = load_coco_chair(args.data, args.image_dir, args.captions, num_images=args.limit or 500,
+                                  seed=args.seed)
+        vocab, loader = ObjectVocabulary.coco(), default_image_loader
+        prompt, max_new = args.prompt or COCO_PROMPT, args.max_new_tokens or COCO_MAX_NEW_TOKENS
+    else:
+        samples = load_synthetic_chair(args.limit or 100)
+        vocab, loader = ObjectVocabulary.reference(), synthetic_image
+        prompt, max_new = args.prompt or REFERENCE_PROMPT, args.max_new_tokens or REFERENCE_MAX_NEW_TOKENS
+    budgets = [int(b) for b in (args.budgets or ("128,64,32" if model_name == "reference" else "192,128,64")).split(",")]
+    specs = ["vanilla"]
+    for spec in args.strategy or []:
+        specs += [s for s in budgeted(spec, budgets) if s not in specs]
+    generation = generation_kwargs(args)
+    setting = (f"CHAIR on {'COCO val2014' if args.data else 'held-out synthetic scenes'}, {len(samples)} images, "
+               f"model {model_name}, prompt {prompt!r}, max new tokens {max_new}, {decoding_label(generation)}")
+    output.mkdir(parents=True, exist_ok=True)
+    env = environment(argv, args.seed)
+    env.update({"model": model_name, "data": args.data or "synthetic-chair", "images": len(samples),
+                "prompt": prompt, "max_new_tokens": max_new, "strategies": specs, "batch_size": args.batch_size,
+                "dtype": str(model.dtype), "generation": generation})
+    (output / "run.json").write_text(json.dumps(env, indent=1))
+    runner = ChairRunner(model, processor, samples, output, image_loader=loader, batch_size=args.batch_size,
+                         max_new_tokens=max_new, generation=generation, seed=args.seed, prompt_text=prompt)
+    t0 = time.time()
+    results = {spec: runner.run(spec) for spec in specs}
+    summary = summarize_chair(results, samples, vocab)
+    (output / "summary.json").write_text(json.dumps(summary, indent=1))
+    (output / "table.md").write_text(chair_table(summary, setting))
+    plot_chair(summary, output / "chair.png", setting)
+    env["wall_s"] = round(time.time() - t0, 1)
+    (output / "run.json").write_text(json.dumps(env, indent=1))
+    print((output / "table.md").read_text())
+    print(f"wrote {output / 'summary.json'}, {output / 'table.md'}, {output / 'chair.png'}")
+    return {"summary": output / "summary.json", "table": output / "table.md", "plot": output / "chair.png"}

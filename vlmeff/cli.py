@@ -57,13 +57,14 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from vlmeff.eval.runner import run_pope_benchmark
+    from vlmeff.eval.runner import run_chair_benchmark, run_pope_benchmark
 
-    if args.benchmark != "pope":
-        print(f"vlmeff: error: benchmark {args.benchmark!r} is not built in; use the lmms-eval plugin for others",
-              file=sys.stderr)
+    runners = {"pope": run_pope_benchmark, "chair": run_chair_benchmark}
+    if args.benchmark not in runners:
+        print(f"vlmeff: error: benchmark {args.benchmark!r} is not built in (built in: pope, chair); use the "
+              "lmms-eval plugin for others", file=sys.stderr)
         return 2
-    run_pope_benchmark(args, args.argv)
+    runners[args.benchmark](args, args.argv)
     return 0
 
 
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(fn=_cmd_run)
 
     ev = sub.add_parser("eval", help="benchmark strategies side by side (accuracy, kept tokens, FLOPs, time)")
-    ev.add_argument("--benchmark", default="pope", help="pope (other benchmarks: the lmms-eval plugin)")
+    ev.add_argument("--benchmark", default="pope", help="pope or chair (other benchmarks: the lmms-eval plugin)")
     ev.add_argument("--model", default=None, help="model folder or hub id; default: the bundled reference model")
     ev.add_argument("--data", default=None, help="POPE files (official JSONL folder/file, LLaVA file, lmms-eval "
                     "parquet or saved dataset); default: synthetic POPE of the reference world")
@@ -202,10 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--budgets", default=None, help="kept visual tokens per image for budget-less specs (default: "
                     "128,64,32 on the 256-token reference model, 192,128,64 otherwise)")
     ev.add_argument("--split", default=None, help="comma-separated splits (default: random,popular,adversarial)")
-    ev.add_argument("--limit", type=int, default=60, help="questions per split (default subset; see --full)")
+    ev.add_argument("--captions", default=None, help="chair on COCO: captions_val2014.json (its mentions join the "
+                    "ground truth, as in the original protocol); --data is then instances_val2014.json")
+    ev.add_argument("--limit", type=int, default=None, help="pope: questions per split (default 60; see --full); "
+                    "chair: images (default 100 synthetic scenes, 500 COCO images)")
     ev.add_argument("--full", action="store_true", help="all questions (3 x 3000 for POPE)")
     ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-new-tokens", type=int, default=8)
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: pope 8; chair 48 (reference), 512 "
+                    "(COCO)")
+    ev.add_argument("--prompt", default=None, help="chair: the caption prompt (default: the reference model's "
+                    "'List the objects in the image.'; COCO: 'Please describe this image in detail.')")
+    ev.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (seeded per batch; "
+                    "the VCD / DAMRO papers' setting: temperature 1, top-p 1, no top-k)")
+    ev.add_argument("--temperature", type=float, default=1.0, help="with --sample")
+    ev.add_argument("--top-p", type=float, default=1.0, help="with --sample")
+    ev.add_argument("--top-k", type=int, default=0, help="with --sample (0: off)")
     ev.add_argument("--parser", default="official", choices=["official", "lmms-eval", "substring"])
     ev.add_argument("--output", default="runs/pope", help="run folder (per-sample JSONL, summary, table, plot)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
