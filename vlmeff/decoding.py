@@ -82,6 +82,24 @@ def guidance(scores: torch.Tensor, unconditional: torch.Tensor, gamma: float, be
 
 
 @dataclass
+class ContrastDecoding(DecodingStrategy):
+    """Contrast with one branch on logits (VCD, DAMRO): `contrast(l, l_branch, alpha, beta)`; subclasses build the
+    branch and set their defaults."""
+
+    alpha: float = 1.0
+    beta: float = 0.1
+
+    def __post_init__(self):
+        if self.alpha < 0:
+            raise StrategyError(f"{self.name}.alpha={self.alpha}: must be >= 0 (0 is plain decoding)")
+        if not 0.0 < self.beta <= 1.0:
+            raise StrategyError(f"{self.name}.beta={self.beta}: must be in (0, 1]")
+
+    def combine(self, scores, branch_scores):
+        return contrast(scores, branch_scores[0], self.alpha, self.beta)
+
+
+@dataclass
 class TextOnlyGuidance(DecodingStrategy):
     """Classifier-free guidance against the same prompt without its image (PAI's CFG half; PAINT reuses it): the
     text-only branch drops the connector's image span tokens; `guidance` on log-probs with gamma and beta."""

@@ -22,7 +22,6 @@ own visual count. The stock LLaVA projector still runs once (its output is dropp
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from transformers.masking_utils import or_masks, sdpa_mask
 
 from vlmeff.flops import FlopsBreakdown, llm_prefill_flops
 from vlmeff.kernels import compact, gather_tokens
+from vlmeff.module_files import load_module_file, save_module_file
 from vlmeff.registry import register_strategy
 from vlmeff.strategy import AttentionStrategy, NotApplicableError, StrategyError
 
@@ -57,17 +57,9 @@ class SAISAProjectors(nn.Module):
 
 def save_projectors(path: str | Path, module: SAISAProjectors, meta: dict[str, Any] | None = None) -> Path:
     """Write the projectors (safetensors, atomically) with their shapes and `meta` (e.g. the model trained on)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**(meta or {}), "vision_size": module.vision_size, "hidden_size": module.hidden_size,
             "num_layers": module.num_layers}
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    tmp.replace(path)
-    return path
+    return save_module_file(path, module, META_KEY, meta)
 
 
 def untrained_projectors(config, path: str | Path, seed: int = 0) -> Path:
@@ -79,28 +71,11 @@ def untrained_projectors(config, path: str | Path, seed: int = 0) -> Path:
     return save_projectors(path, module, {"model": "untrained (cost measurements only)"})
 
 
-_LOADED: dict[tuple[str, float], tuple[SAISAProjectors, dict[str, Any]]] = {}
-
-
 def load_projectors(path: str | Path) -> tuple[SAISAProjectors, dict[str, Any]]:
     """(projectors in eval mode, metadata) from a file written by `save_projectors` (cached per file and mtime)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise StrategyError(f"saisa: no projector weights at {path}")
-    key = (str(path.resolve()), path.stat().st_mtime)
-    if key not in _LOADED:
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = json.loads((f.metadata() or {})[META_KEY])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            module = SAISAProjectors(meta["vision_size"], meta["hidden_size"], meta["num_layers"])
-            module.load_state_dict(tensors)
-        except Exception as e:  # safetensors raises its own error type for a corrupt header
-            raise StrategyError(f"saisa: {path} is not a SAISA projector file ({e})") from None
-        _LOADED[key] = (module.eval(), meta)
-    return _LOADED[key]
+    return load_module_file(
+        path, META_KEY, lambda meta: SAISAProjectors(meta["vision_size"], meta["hidden_size"], meta["num_layers"]),
+        owner="saisa", what="projector weights", kind="a SAISA projector file")
 
 
 def vision_feature_size(config) -> int:

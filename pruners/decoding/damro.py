@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmeff.decoding import Branch, DecodingStrategy, contrast
+from vlmeff.decoding import Branch, ContrastDecoding
 from vlmeff.registry import register_strategy
 from vlmeff.strategy import NotApplicableError, Stage, StrategyError, TokenReducer
 
@@ -41,7 +41,7 @@ class Outliers(TokenReducer):
 
 @register_strategy
 @dataclass
-class DAMRO(DecodingStrategy):
+class DAMRO(ContrastDecoding):
     """Contrast against the prompt seeing only the k outlier tokens of the [CLS] row: (1 + alpha) l - alpha l_o."""
 
     name = "damro"
@@ -53,10 +53,7 @@ class DAMRO(DecodingStrategy):
     k: int = 10
 
     def __post_init__(self):
-        if self.alpha < 0:
-            raise StrategyError(f"damro.alpha={self.alpha}: must be >= 0 (0 is plain decoding)")
-        if not 0.0 < self.beta <= 1.0:
-            raise StrategyError(f"damro.beta={self.beta}: must be in (0, 1]")
+        super().__post_init__()
         if self.k < 1:
             raise StrategyError(f"damro.k={self.k}: must be >= 1")
 
@@ -75,6 +72,3 @@ class DAMRO(DecodingStrategy):
 
     def branches(self, inputs, connector):
         return [Branch("outlier tokens", dict(inputs), reducers=[Outliers(k=self.k)])]
-
-    def combine(self, scores, branch_scores):
-        return contrast(scores, branch_scores[0], self.alpha, self.beta)

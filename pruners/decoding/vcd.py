@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmeff.decoding import Branch, DecodingStrategy, contrast
+from vlmeff.decoding import Branch, ContrastDecoding
 from vlmeff.registry import register_strategy
 from vlmeff.strategy import StrategyError
 
@@ -49,7 +49,7 @@ def noised_pixels(pixel_values: torch.Tensor, grid_thw: torch.Tensor | None, ste
 
 @register_strategy
 @dataclass
-class VCD(DecodingStrategy):
+class VCD(ContrastDecoding):
     """Contrast against the same prompt with a diffusion-noised image: (1 + alpha) l - alpha l', plausibility beta."""
 
     name = "vcd"
@@ -62,10 +62,7 @@ class VCD(DecodingStrategy):
     seed: int = 0
 
     def __post_init__(self):
-        if self.alpha < 0:
-            raise StrategyError(f"vcd.alpha={self.alpha}: must be >= 0 (0 is plain decoding)")
-        if not 0.0 < self.beta <= 1.0:
-            raise StrategyError(f"vcd.beta={self.beta}: must be in (0, 1]")
+        super().__post_init__()
         if not 0 <= self.noise_step < NUM_STEPS:
             raise StrategyError(f"vcd.noise_step={self.noise_step}: must be in [0, {NUM_STEPS})")
 
@@ -78,6 +75,3 @@ class VCD(DecodingStrategy):
             noised["pixel_values_videos"] = noised_pixels(inputs["pixel_values_videos"], inputs.get("video_grid_thw"),
                                                           self.noise_step, self.seed)
         return [Branch("noised image", noised)]
-
-    def combine(self, scores, branch_scores):
-        return contrast(scores, branch_scores[0], self.alpha, self.beta)

@@ -20,7 +20,6 @@ soft mask agree on which side of 0.5 a token falls.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmeff.module_files import load_module_file, save_module_file
 from vlmeff.pruners.in_llm.atp import ATPScores, redundancy, redundancy_scores, spatial_score
 from vlmeff.registry import register_strategy
 from vlmeff.router import AttentionInputs, Router
@@ -80,16 +80,8 @@ def pooled_hidden(hidden: torch.Tensor, visual: torch.Tensor, text_after: torch.
 
 def save_thresholds(path: str | Path, module: ThresholdMLPs, meta: dict[str, Any]) -> Path:
     """Write the MLPs (safetensors, atomically) with `meta` (points, num_layers, training setup) as JSON metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "hidden_size": module.hidden_size, "num_points": module.num_points, "width": module.width}
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={"atp_learned": json.dumps(meta)})
-    tmp.replace(path)
-    return path
+    return save_module_file(path, module, "atp_learned", meta)
 
 
 def untrained_thresholds(text_config, path: str | Path, points: str | None = None, width: int = 64) -> Path:
@@ -102,29 +94,12 @@ def untrained_thresholds(text_config, path: str | Path, points: str | None = Non
                                           "model": "untrained (cost measurements only)"})
 
 
-_LOADED: dict[tuple[str, float], tuple[ThresholdMLPs, dict[str, Any]]] = {}
-
-
 def load_thresholds(path: str | Path) -> tuple[ThresholdMLPs, dict[str, Any]]:
     """(MLPs in eval mode, metadata) from a file written by `save_thresholds` (cached per file and mtime)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise StrategyError(f"atp-learned: no threshold weights at {path}; train them with `vlmeff reference "
-                            "train-atp` (reference model) and pass weights=<file>")
-    key = (str(path.resolve()), path.stat().st_mtime)
-    if key not in _LOADED:
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = json.loads((f.metadata() or {})["atp_learned"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            module = ThresholdMLPs(meta["hidden_size"], meta["num_points"], meta["width"])
-            module.load_state_dict(tensors)
-        except Exception as e:  # safetensors raises its own error type for a corrupt header
-            raise StrategyError(f"atp-learned: {path} is not an atp-learned weights file ({e})") from None
-        _LOADED[key] = (module.eval(), meta)
-    return _LOADED[key]
+    return load_module_file(
+        path, "atp_learned", lambda meta: ThresholdMLPs(meta["hidden_size"], meta["num_points"], meta["width"]),
+        owner="atp-learned", what="threshold weights", kind="an atp-learned weights file",
+        missing_hint="; train them with `vlmeff reference train-atp` (reference model) and pass weights=<file>")
 
 
 def default_weights() -> Path:
