@@ -144,7 +144,8 @@ def test_every_branch_matches_a_separate_run_at_every_step(llava, spec):
     vm.unwrap()
 
 
-@pytest.mark.parametrize("spec", ["vcd", "damro", "pai", "paint", "fastervlm:keep=8+vcd", "fastervlm:keep=8+damro"])
+@pytest.mark.parametrize("spec", ["vcd", "damro", "pai", "paint", "fastervlm:keep=8+vcd", "fastervlm:keep=8+damro",
+                                  "fastv:keep=8+vcd", "naavit+damro", "cca+pai"])
 def test_batch_equals_one_by_one(llava, spec):
     model, processor = llava
     inputs = batch(processor)
