@@ -64,6 +64,20 @@ def family(spec: str) -> str:
     return "+".join(s.family() for s in parse_spec(spec))
 
 
+def short_label(spec: str) -> str:
+    """A plot legend label: each strategy's name with only the parameters that differ from its defaults (budget
+    parameters dropped), e.g. ``fastervlm+paint`` or ``atp-learned``."""
+    import dataclasses
+
+    parts = []
+    for strategy in parse_spec(spec):
+        defaults = {f.name: f.default for f in dataclasses.fields(strategy) if f.init}
+        changed = [f"{k}={v}" for k, v in strategy.params().items()
+                   if k not in strategy.budget_params and v != defaults.get(k)]
+        parts.append(strategy.name + (":" + ",".join(changed) if changed else ""))
+    return "+".join(parts)
+
+
 # Reserved spec: the same questions WITHOUT the image (text-only prompt): measures the language prior.
 BLIND = "blind"
 
@@ -264,7 +278,8 @@ def markdown_table(rows: list[dict], parser: str) -> str:
                                 "over the LLM's layers (differs only for in-LLM methods).\n")
 
 
-def write_reports(output: Path, summary: dict, parser: str, metric: str = "f1") -> dict[str, Path]:
+def write_reports(output: Path, summary: dict, parser: str, metric: str = "f1",
+                  title_prefix: str | None = None) -> dict[str, Path]:
     output.mkdir(parents=True, exist_ok=True)
     rows = table_rows(summary)
     (output / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -276,12 +291,16 @@ def write_reports(output: Path, summary: dict, parser: str, metric: str = "f1") 
     table = markdown_table(rows, parser)
     (output / "table.md").write_text(table)
     plot_path = output / f"pope_{metric}.png"
-    plot(summary, plot_path, metric)
+    n = max((x["n"] for x in summary.values()), default=0)
+    plot(summary, plot_path, metric, title=f"{title_prefix}parser {parser}, {n} questions per row" if title_prefix
+         is not None else None)
     return {"summary": output / "summary.json", "csv": output / "summary.csv", "table": output / "table.md",
             "plot": plot_path}
 
 
-def plot(summary: dict, path: Path, metric: str = "f1") -> None:
+def plot(summary: dict, path: Path, metric: str = "f1", title: str | None = None) -> None:
+    """Mean `metric` vs visual tokens, one line per method family (single points for methods without a budget),
+    vanilla dashed; the legend sits outside the axes so it never covers a point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -299,19 +318,24 @@ def plot(summary: dict, path: Path, metric: str = "f1") -> None:
         if spec == BLIND:
             ax_lines.append(("blind (no image)", value))
             continue
-        families[family(spec)].append((tokens, value))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, points in sorted(families.items()):
+        families[short_label(spec)].append((tokens, value))
+    fig, ax = plt.subplots(figsize=(9.5, 4.8), dpi=120)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xh<>"
+    for i, (name, points) in enumerate(sorted(families.items())):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[(i // len(cycle)) % len(markers)],
+                color=cycle[i % len(cycle)], label=name, markersize=5, linewidth=1.2)
     if vanilla is not None:
         ax.axhline(vanilla[1], linestyle="--", color="black", label=f"vanilla ({vanilla[0]:.0f} tokens)")
     for label, value in ax_lines:
         ax.axhline(value, linestyle=":", color="gray", label=label)
     ax.set_xlabel("visual tokens per question (layer-averaged inside the LLM)")
     ax.set_ylabel(f"POPE mean {metric} (%)")
+    if title:
+        ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -407,7 +431,9 @@ def run_pope_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
     t0 = time.time()
     results = {spec: runner.run(spec) for spec in specs}
     summary = summarize(results, args.parser)
-    paths = write_reports(output, summary, args.parser)
+    title = (f"POPE ({args.data or 'synthetic world'}, splits {', '.join(splits)}) on {model_name}, "
+             f"{decoding_label(generation_kwargs(args))}, ")
+    paths = write_reports(output, summary, args.parser, title_prefix=title)
     env["wall_s"] = round(time.time() - t0, 1)
     (output / "run.json").write_text(json.dumps(env, indent=1))
     print((output / "table.md").read_text())
