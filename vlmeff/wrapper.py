@@ -112,6 +112,7 @@ class VLMWrapper:
         self._timing = False
         self._prefills = 0  # prefill calls of the language model in this call (phase from the cache length)
         self._session: LLMSession | None = None
+        self._layout = None  # TokenLayout of the current call's LLM input
         self._plan: BranchPlan | None = None  # contrast branches of the current call (decoding stage)
 
     # --- context manager / unwrap ------------------------------------------------------------------------------
@@ -185,6 +186,7 @@ class VLMWrapper:
         self.stats.encode_s, self.stats.strategy_s = t1 - t0, t2 - t1
         records = [img.finish_record() for img in images]
         self.last_record = [r for r in records if r.sample < self._main_rows(inputs)]
+        self._layout = self.connector.layout(model_kwargs, images)  # what reaches the LLM: counts, masks, positions
         self._count(inputs, slots, images)
         self._slots, self._images = slots, images
         self._session = self._llm_session(model_kwargs, images)
@@ -254,7 +256,7 @@ class VLMWrapper:
             raise NotApplicableError(
                 f"{', '.join(s.name for s in inside)}: in-LLM removal does not handle {self.connector.name} video "
                 "tokens yet (nor do attention-stage strategies); use a pre-LLM strategy (it reduces per frame) or feed the frames as images")
-        layout = self.connector.layout(model_kwargs, images)
+        layout = self._layout
         attention = [s for s in inside if s.stage is Stage.ATTENTION]
         for strategy in attention:
             moved = strategy.positions(layout)
@@ -295,12 +297,13 @@ class VLMWrapper:
         stats.text_tokens = int(mask[:main].sum()) - stats.visual_tokens_in
         vanilla, reduced = FlopsBreakdown(0, 0, 0), FlopsBreakdown(0, 0, 0)
         stats.per_sample_flops = [0] * main
+        # the LLM side from the token layout of what reaches the LLM (real and visual tokens per row)
+        real, visual = self._layout.counts() if images else (mask.sum(1).tolist(), [0] * rows)
         for row in range(rows):
             mine = [(s, img) for s, img in zip(slots, images) if s.sample == row]
-            text = int(mask[row].sum()) - sum(s.length for s, _ in mine)
+            text, kept = int(real[row]) - int(visual[row]), int(visual[row])
             encoder = [self.connector.encoder_tokens(s) for s, _ in mine]
             full = sum(s.length for s, _ in mine)
-            kept = sum(img.features.shape[0] for _, img in mine)
             projected = sum(img.record.projected_tokens for _, img in mine)
             if row < main:
                 vanilla += prefill_flops(self.config, image_tokens=encoder, projected_tokens=full,
