@@ -238,3 +238,26 @@ def test_qwen2_vl_batch_equals_one_by_one(loaded, spec):
         for row in range(2):
             one = make_inputs(processor, [PROMPTS[row]], [[make_image(41 + row)]])
             assert greedy_new(vm.generate, one).tolist()[0] == together[row].tolist()
+
+
+def test_paint_head_specific_modulation_equals_a_hand_computation():
+    """heads=specific (the paper's modulation, not in the released code): alpha_h = alpha v_h / mean_h(v)."""
+    from vlmeff.layout import IMAGE, TEXT, TokenLayout
+    from vlmeff.pruners.attention.paint import PAINT
+
+    kind = torch.tensor([[TEXT, IMAGE, IMAGE, IMAGE, TEXT]])
+    layout = TokenLayout(kind=kind, image=torch.tensor([[-1, 0, 0, 0, -1]]), cell=torch.tensor([[-1, 0, 1, 2, -1]]),
+                         source=torch.arange(5)[None], grids=[(1, 1, 3)])
+    state = {"local": torch.tensor([[True, False, False]]), "summary": torch.tensor([[False, False, True]])}
+    torch.manual_seed(2)
+    scores = torch.randn(1, 3, 5)
+    image_keys = kind == IMAGE
+    got = PAINT(heads="specific", cfg=False).edit_scores(3, scores, layout, image_keys, state)
+    probs = torch.softmax(scores, -1)
+    mass = [float(probs[0, h, 1:4].sum()) for h in range(3)]
+    mean = sum(mass) / 3
+    for h in range(3):
+        for k in range(5):
+            a = float(scores[0, h, k])
+            gain = {1: 0.7, 3: 0.3}.get(k, 0.0) * mass[h] / mean
+            assert float(got[0, h, k]) == pytest.approx(a + gain * abs(a), rel=1e-5, abs=1e-6)
