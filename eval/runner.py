@@ -64,16 +64,16 @@ def family(spec: str) -> str:
     return "+".join(s.family() for s in parse_spec(spec))
 
 
-def short_label(spec: str) -> str:
+def short_label(spec: str, budgets: bool = False) -> str:
     """A plot legend label: each strategy's name with only the parameters that differ from its defaults (budget
-    parameters dropped), e.g. ``fastervlm+paint`` or ``atp-learned``."""
+    parameters dropped unless `budgets`), e.g. ``fastervlm+paint`` or ``fastervlm:keep=64+paint``."""
     import dataclasses
 
     parts = []
     for strategy in parse_spec(spec):
         defaults = {f.name: f.default for f in dataclasses.fields(strategy) if f.init}
         changed = [f"{k}={v}" for k, v in strategy.params().items()
-                   if k not in strategy.budget_params and v != defaults.get(k)]
+                   if (budgets or k not in strategy.budget_params) and v != defaults.get(k)]
         parts.append(strategy.name + (":" + ",".join(changed) if changed else ""))
     return "+".join(parts)
 
@@ -477,24 +477,31 @@ def chair_table(summary: dict, setting: str) -> str:
 
 
 def plot_chair(summary: dict, path: Path, title: str) -> None:
+    """CHAIR_S and CHAIR_I per strategy (horizontal bars; CHAIR_S with its binomial standard error)."""
+    import math
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     specs = list(summary)
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(specs) + 1.6), dpi=120)
+    labels = [spec if spec in ("vanilla", BLIND) else short_label(spec, budgets=True) for spec in specs]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(specs) + 1.8), dpi=120)
     y = range(len(specs))
-    ax.barh([i - 0.2 for i in y], [100 * summary[s]["metrics"]["chair_s"] for s in specs], height=0.4,
-            label="CHAIR_S")
+    chair_s = [summary[s]["metrics"]["chair_s"] for s in specs]
+    errors = [100 * math.sqrt(p * (1 - p) / max(1, summary[s]["n"])) for p, s in zip(chair_s, specs)]
+    ax.barh([i - 0.2 for i in y], [100 * p for p in chair_s], height=0.4, xerr=errors, capsize=2,
+            label="CHAIR_S (+- 1 s.e.)")
     ax.barh([i + 0.2 for i in y], [100 * summary[s]["metrics"]["chair_i"] for s in specs], height=0.4,
             label="CHAIR_I")
-    ax.set_yticks(list(y), [s[:48] for s in specs], fontsize=7)
+    ax.set_yticks(list(y), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("% (lower is better)")
-    ax.set_title(title, fontsize=8)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=7)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
