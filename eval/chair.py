@@ -18,6 +18,7 @@ Scores depend heavily on the prompt and the caption length, so both are in every
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -142,6 +143,24 @@ class ChairSample:
 
     def __post_init__(self):
         self.allowed = set(self.allowed) | set(self.objects)
+
+
+def hallucinated_captions(captions: Sequence[str], samples: Sequence[ChairSample], vocab: ObjectVocabulary
+                          ) -> list[bool]:
+    """Per caption: whether it mentions at least one object that is not in its image (what CHAIR_S counts)."""
+    return [any(c not in s.allowed for c in vocab.mentions(cap)) for cap, s in zip(captions, samples)]
+
+
+def paired_change(base: Sequence[bool], other: Sequence[bool]) -> tuple[int, int, float]:
+    """(captions fixed, captions newly hallucinated, two-sided exact sign-test p) of `other` against `base` over the
+    same images: the paired view of a CHAIR_S difference (discordant pairs only)."""
+    fixed = sum(b and not o for b, o in zip(base, other))
+    new = sum(o and not b for b, o in zip(base, other))
+    n, low = fixed + new, min(fixed, new)
+    if n == 0:
+        return fixed, new, 1.0
+    tail = sum(math.comb(n, i) for i in range(low + 1)) / 2 ** n
+    return fixed, new, min(1.0, 2 * tail)
 
 
 def chair_scores(captions: Sequence[str], samples: Sequence[ChairSample], vocab: ObjectVocabulary) -> dict:

@@ -446,13 +446,17 @@ def run_pope_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
 
 def summarize_chair(results: dict[str, list[dict]], samples: list, vocab) -> dict:
     """Per spec: CHAIR_S / CHAIR_I / recall / mean length and the mean kept tokens, FLOPs and times."""
-    from vlmeff.eval.chair import chair_scores
+    from vlmeff.eval.chair import chair_scores, hallucinated_captions, paired_change
 
     summary = {}
+    base = hallucinated_captions([r["caption"] for r in results["vanilla"]], samples, vocab) \
+        if "vanilla" in results else None
     for spec, records in results.items():
         n = max(1, len(records))
+        flags = hallucinated_captions([r["caption"] for r in records], samples, vocab)
         summary[spec] = {
             "spec": spec, "metrics": chair_scores([r["caption"] for r in records], samples, vocab), "n": len(records),
+            "vs_vanilla": None if base is None or spec == "vanilla" else paired_change(base, flags),
             "kept_tokens": sum(r["kept_tokens"] for r in records) / n,
             "equivalent_tokens": sum(r.get("equivalent_tokens", r["kept_tokens"]) for r in records) / n,
             "prefill_gflops": sum(r["prefill_flops"] for r in records) / n / 1e9,
@@ -464,13 +468,14 @@ def summarize_chair(results: dict[str, list[dict]], samples: list, vocab) -> dic
 
 def chair_table(summary: dict, setting: str) -> str:
     head = ["strategy", "kept tokens", "equiv. tokens", "prefill GFLOPs", "CHAIR_S", "CHAIR_I", "recall",
-            "mean length", "total ms", "n"]
+            "mean length", "vs vanilla: fixed / new (p)", "total ms", "n"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for spec, s in summary.items():
         m = s["metrics"]
         row = [spec, round(s["kept_tokens"], 1), round(s["equivalent_tokens"], 1), round(s["prefill_gflops"], 2),
                round(100 * m["chair_s"], 1), round(100 * m["chair_i"], 1), round(100 * m["recall"], 1),
-               round(m["mean_length"], 1), round(s["total_ms"], 1), s["n"]]
+               round(m["mean_length"], 1), "-" if not s.get("vs_vanilla") else
+               "{} / {} ({:.2f})".format(*s["vs_vanilla"]), round(s["total_ms"], 1), s["n"]]
         lines.append("| " + " | ".join(map(str, row)) + " |")
     return "\n".join(lines) + (f"\n\n{setting}. CHAIR_S / CHAIR_I / recall in % (lower CHAIR is better); mean length in "
                                "words; total ms = generation time per caption.\n")

@@ -81,3 +81,14 @@ def test_sampling_setting_is_named_and_seeded():
     kwargs = generation_kwargs(sampling)
     assert kwargs == {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
     assert decoding_label(kwargs) == "sampling (temperature 1.0, top-p 1.0, top-k off)"
+
+
+def test_paired_change_counts_discordant_pairs_and_an_exact_sign_test():
+    from vlmeff.eval.chair import paired_change
+
+    base = [True, True, True, False, False, True]
+    other = [False, False, True, True, False, False]
+    fixed, new, p = paired_change(base, other)
+    assert (fixed, new) == (3, 1)
+    assert p == pytest.approx(2 * (1 + 4) / 16)  # n = 4 discordant pairs, P(X <= 1) doubled
+    assert paired_change([False], [False]) == (0, 0, 1.0)
