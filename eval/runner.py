@@ -478,7 +478,9 @@ def chair_table(summary: dict, setting: str) -> str:
                "{} / {} ({:.2f})".format(*s["vs_vanilla"]), round(s["total_ms"], 1), s["n"]]
         lines.append("| " + " | ".join(map(str, row)) + " |")
     return "\n".join(lines) + (f"\n\n{setting}. CHAIR_S / CHAIR_I / recall in % (lower CHAIR is better); mean length in "
-                               "words; total ms = generation time per caption.\n")
+                               "words; vs vanilla = captions that lost / gained a hallucinated object against "
+                               "vanilla's caption of the same image, with the two-sided exact sign-test p; total ms = "
+                               "generation time per caption.\n")
 
 
 def plot_chair(summary: dict, path: Path, title: str) -> None:
