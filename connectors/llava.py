@@ -26,46 +26,44 @@ class LlavaProbe(VisionProbe):
     def __init__(self, connector: LlavaConnector, hidden_states: tuple[torch.Tensor, ...]):
         self.connector = connector
         self.hidden_states = hidden_states
-        self._cls: dict[int | tuple[str, int], torch.Tensor] = {}
-        self._keys: dict[int, torch.Tensor] = {}
+        self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor, int, float]] = {}  # block -> (q_cls, k, heads, scale)
+        self._rows: dict[tuple[str, int], torch.Tensor] = {}
 
-    def keys(self, image: int, block: int | None = None) -> torch.Tensor:
-        block = self.connector.feature_layer if block is None else block
-        if block not in self._keys:
+    def _query_keys(self, block: int) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """(q_cls [I, 1, W], k [I, T, W] float32, heads, scale) of encoder block `block`, recomputed once from the
+        block's input (hs[block]) and shared by every row this probe gives."""
+        if block not in self._inputs:
             spec = self.connector.vit
             if spec.cls_query_keys is None:
                 raise NotApplicableError(f"keys of the {self.connector.config.vision_config.model_type} tower "
                                          "are not exposed by vlmeff yet")
             layer = spec.layers(self.connector.model.model.vision_tower)[block]
             with torch.no_grad():
-                _, k, _, _ = spec.cls_query_keys(layer, self.hidden_states[block])  # input of block = hs[block]
-            self._keys[block] = k.float()  # [I, T, H*hd]
-        return self._keys[block][image]
+                q, k, heads, scale = spec.cls_query_keys(layer, self.hidden_states[block])
+            self._inputs[block] = (q.float(), k.float(), heads, scale)
+        return self._inputs[block]
+
+    def keys(self, image: int, block: int | None = None) -> torch.Tensor:
+        block = self.connector.feature_layer if block is None else block
+        return self._query_keys(block)[1][image]  # [T, H*hd]
+
+    def _cls_row(self, kind: str, block: int | None) -> torch.Tensor:
+        block = self.connector.feature_layer_index - 1 if block is None else block  # default: OUTPUT = feature layer
+        if (kind, block) not in self._rows:
+            q, k, heads, scale = self._query_keys(block)
+            row = cls_attention_row(q, k, heads, scale) if kind == "heads" else cls_attention_one_head(q, k)
+            self._rows[(kind, block)] = row[..., 1:]  # patch columns: [I, H, V] or [I, V]
+        return self._rows[(kind, block)]
 
     def cls_attention_one_head(self, image: int, block: int | None = None) -> torch.Tensor:
         if not self.connector.has_cls:
             return super().cls_attention_one_head(image, block)
-        block = self.connector.feature_layer_index - 1 if block is None else block
-        key = ("one-head", block)
-        if key not in self._cls:
-            spec = self.connector.vit
-            layer = spec.layers(self.connector.model.model.vision_tower)[block]
-            with torch.no_grad():
-                q, k, _, _ = spec.cls_query_keys(layer, self.hidden_states[block])
-                self._cls[key] = cls_attention_one_head(q, k)[:, 1:]  # [I, V] patch columns
-        return self._cls[key][image]
+        return self._cls_row("one-head", block)[image]
 
     def cls_attention(self, image: int, block: int | None = None) -> torch.Tensor:
         if not self.connector.has_cls:
             return super().cls_attention(image, block)
-        block = self.connector.feature_layer_index - 1 if block is None else block  # default: OUTPUT = feature layer
-        if block not in self._cls:
-            spec = self.connector.vit
-            layer = spec.layers(self.connector.model.model.vision_tower)[block]
-            with torch.no_grad():
-                q, k, heads, scale = spec.cls_query_keys(layer, self.hidden_states[block])  # input of block = hs[block]
-                self._cls[block] = cls_attention_row(q, k, heads, scale)[:, :, 1:]  # [I, H, V] patch columns
-        return self._cls[block][image]
+        return self._cls_row("heads", block)[image]
 
 
 @register_connector
