@@ -81,6 +81,12 @@ def guidance(scores: torch.Tensor, unconditional: torch.Tensor, gamma: float, be
     return out.masked_fill((lp_c < cutoff) | ~torch.isfinite(lp_c), float("-inf"))
 
 
+def _check_cutoff(name: str, beta: float) -> None:
+    """The plausibility cutoff's beta (a probability ratio to the top token) must be in (0, 1]."""
+    if not 0.0 < beta <= 1.0:
+        raise StrategyError(f"{name}.beta={beta}: must be in (0, 1]")
+
+
 @dataclass
 class ContrastDecoding(DecodingStrategy):
     """Contrast with one branch on logits (VCD, DAMRO): `contrast(l, l_branch, alpha, beta)`; subclasses build the
@@ -92,8 +98,7 @@ class ContrastDecoding(DecodingStrategy):
     def __post_init__(self):
         if self.alpha < 0:
             raise StrategyError(f"{self.name}.alpha={self.alpha}: must be >= 0 (0 is plain decoding)")
-        if not 0.0 < self.beta <= 1.0:
-            raise StrategyError(f"{self.name}.beta={self.beta}: must be in (0, 1]")
+        _check_cutoff(self.name, self.beta)
 
     def combine(self, scores, branch_scores):
         return contrast(scores, branch_scores[0], self.alpha, self.beta)
@@ -110,8 +115,7 @@ class TextOnlyGuidance(DecodingStrategy):
     def __post_init__(self):
         if self.gamma < 1:
             raise StrategyError(f"{self.name}.gamma={self.gamma}: must be >= 1 (1 is plain decoding)")
-        if not 0.0 < self.beta <= 1.0:
-            raise StrategyError(f"{self.name}.beta={self.beta}: must be in (0, 1]")
+        _check_cutoff(self.name, self.beta)
 
     def branches(self, inputs, connector):
         return [Branch("text only", drop_tokens(inputs, connector.image_span_ids(), connector.pad_token_id))]
