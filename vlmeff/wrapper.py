@@ -291,14 +291,13 @@ class VLMWrapper:
         rows = int(inputs["input_ids"].shape[0])
         main = self._main_rows(inputs)
         mask = _mask(inputs)
-        main_pairs = [(s, img) for s, img in zip(slots, images) if s.sample < main]
-        stats.visual_tokens_in = sum(s.length for s, _ in main_pairs)
-        stats.visual_tokens_kept = sum(img.features.shape[0] for _, img in main_pairs)
+        # the LLM side from the token layout of what reaches the LLM (real and visual tokens per row)
+        real, visual = self._layout.counts() if images else (mask.sum(1).tolist(), [0] * rows)
+        stats.visual_tokens_in = sum(s.length for s in slots if s.sample < main)
+        stats.visual_tokens_kept = sum(visual[:main])
         stats.text_tokens = int(mask[:main].sum()) - stats.visual_tokens_in
         vanilla, reduced = FlopsBreakdown(0, 0, 0), FlopsBreakdown(0, 0, 0)
         stats.per_sample_flops = [0] * main
-        # the LLM side from the token layout of what reaches the LLM (real and visual tokens per row)
-        real, visual = self._layout.counts() if images else (mask.sum(1).tolist(), [0] * rows)
         for row in range(rows):
             mine = [(s, img) for s, img in zip(slots, images) if s.sample == row]
             text, kept = int(real[row]) - int(visual[row]), int(visual[row])
@@ -321,8 +320,7 @@ class VLMWrapper:
             reduced += row_flops
         stats.flops, stats.flops_vanilla = reduced.to_dict(), vanilla.to_dict()
         stats.equivalent_tokens = float(stats.visual_tokens_kept)
-        stats.per_sample_equivalent_tokens = [
-            float(sum(img.features.shape[0] for s, img in main_pairs if s.sample == row)) for row in range(main)]
+        stats.per_sample_equivalent_tokens = [float(v) for v in visual[:main]]
 
     @property
     def config(self):
