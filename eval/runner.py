@@ -374,6 +374,27 @@ def load_eval_model(args):
     return model, processor, args.model
 
 
+def start_run(args):
+    """(output folder, model, processor, model name) of a `vlmeff eval` run: refuses a non-empty folder without
+    --resume, seeds torch, loads the model."""
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.resume:
+        raise FileExistsError(f"output folder {output} is not empty: pass --resume to continue it, or a new --output")
+    torch.manual_seed(args.seed)
+    return (output, *load_eval_model(args))
+
+
+def run_specs(args, model_name: str, default: list[str]) -> list[str]:
+    """vanilla, then every --strategy (or `default`) once per --budgets value where it takes one, without repeats
+    (default budgets: 128,64,32 on the 256-token reference model, 192,128,64 otherwise)."""
+    default_budgets = "128,64,32" if model_name == "reference" else "192,128,64"
+    budgets = [int(b) for b in (args.budgets or default_budgets).split(",")]
+    specs = ["vanilla"]
+    for spec in args.strategy or default:
+        specs += [s for s in budgeted(spec, budgets) if s not in specs]
+    return specs
+
+
 def generation_kwargs(args) -> dict:
     """generate kwargs of the decoding setting: {} (greedy) or seeded sampling (`--sample`, the VCD / DAMRO
     papers' setting: temperature 1, top-p 1, no top-k, unless overridden)."""
@@ -393,11 +414,7 @@ def run_pope_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
     """`vlmeff eval --benchmark pope`: load model and data, run every strategy spec, write the reports."""
     from vlmeff.eval.pope import load_pope, load_synthetic, synthetic_image
 
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.resume:
-        raise FileExistsError(f"output folder {output} is not empty: pass --resume to continue it, or a new --output")
-    torch.manual_seed(args.seed)
-    model, processor, model_name = load_eval_model(args)
+    output, model, processor, model_name = start_run(args)
     splits = args.split.split(",") if args.split else ["random", "popular", "adversarial"]
     if args.data:
         samples = load_pope(args.data, splits, image_dir=args.image_dir)
@@ -414,11 +431,7 @@ def run_pope_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
                 per_split[s.split] += 1
                 kept_samples.append(s)
         samples = kept_samples
-    default_budgets = "128,64,32" if model_name == "reference" else "192,128,64"
-    budgets = [int(b) for b in (args.budgets or default_budgets).split(",")]
-    specs = ["vanilla"]
-    for spec in args.strategy or ["fastervlm"]:
-        specs += [s for s in budgeted(spec, budgets) if s not in specs]
+    specs = run_specs(args, model_name, default=["fastervlm"])
     output.mkdir(parents=True, exist_ok=True)
     env = environment(argv, args.seed)
     env.update({"model": model_name, "data": args.data or "synthetic-pope", "splits": splits,
@@ -527,11 +540,7 @@ def run_chair_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
     )
     from vlmeff.eval.pope import synthetic_image
 
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.resume:
-        raise FileExistsError(f"output folder {output} is not empty: pass --resume to continue it, or a new --output")
-    torch.manual_seed(args.seed)
-    model, processor, model_name = load_eval_model(args)
+    output, model, processor, model_name = start_run(args)
     if args.data:
         samples = load_coco_chair(args.data, args.image_dir, args.captions, num_images=args.limit or 500,
                                   seed=args.seed)
@@ -541,10 +550,7 @@ def run_chair_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
         samples = load_synthetic_chair(args.limit or 100)
         vocab, loader = ObjectVocabulary.reference(), synthetic_image
         prompt, max_new = args.prompt or REFERENCE_PROMPT, args.max_new_tokens or REFERENCE_MAX_NEW_TOKENS
-    budgets = [int(b) for b in (args.budgets or ("128,64,32" if model_name == "reference" else "192,128,64")).split(",")]
-    specs = ["vanilla"]
-    for spec in args.strategy or []:
-        specs += [s for s in budgeted(spec, budgets) if s not in specs]
+    specs = run_specs(args, model_name, default=[])
     generation = generation_kwargs(args)
     setting = (f"CHAIR on {'COCO val2014' if args.data else 'held-out synthetic scenes'}, {len(samples)} images, "
                f"model {model_name}, prompt {prompt!r}, max new tokens {max_new}, {decoding_label(generation)}")
