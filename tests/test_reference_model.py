@@ -88,3 +88,38 @@ def test_shipped_atp_learned_thresholds_prune_per_instance(reference):
     mean = sum(per_sample) / len(per_sample)
     target = meta["config"]["target_tokens"]
     assert 0.5 * target <= mean <= 2 * target, (mean, target)
+
+
+def test_saved_reference_model_loads_back_with_the_same_logits(reference, tmp_path):
+    """save_pretrained of the assembled model + processor, then vlmeff.load(folder): the same computation."""
+    import vlmeff
+    from vlmeff.reference.world import render_scene
+
+    model, processor = reference
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded_model, loaded_processor = vlmeff.load(str(tmp_path), dtype="float32")
+    text = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "Is there a star in the image?"}]}], add_generation_prompt=True)
+    image = render_scene(1_000_000_123).image
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    reloaded_inputs = loaded_processor(images=[image], text=[text], return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], reloaded_inputs["input_ids"])
+    assert torch.equal(inputs["pixel_values"], reloaded_inputs["pixel_values"])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded_model(**reloaded_inputs).logits)
+
+
+def test_cli_run_answers_with_the_reference_model(capsys, tmp_path):
+    import json
+
+    from vlmeff.cli import main
+    from vlmeff.reference.world import render_scene
+
+    path = tmp_path / "scene.png"
+    render_scene(1_000_000_123).image.save(path)
+    assert main(["run", "--model", "reference", "--image", str(path), "--prompt", "Is there a star in the image?",
+                 "--strategy", "fastervlm:keep=64", "--max-new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["answer"].strip().lower().rstrip(".") in ("yes", "no")
+    assert out["stats"]["visual_tokens_kept"] == 64 and out["stats"]["visual_tokens_in"] == 256

@@ -84,11 +84,10 @@ def _cmd_calibrate(args) -> int:
     from vlmeff.eval.calibration import calibrate_atp, calibration_samples
     from vlmeff.eval.runner import default_image_loader
 
-    if args.model in (None, "reference"):
+    if args.model in (None, vlmeff.loading.REFERENCE):
         from vlmeff.eval.pope import synthetic_image
-        from vlmeff.reference.model import load_reference
 
-        model, processor = load_reference()
+        model, processor = vlmeff.load(vlmeff.loading.REFERENCE, dtype=args.dtype, device=args.device)
         samples, loader = calibration_samples(args.num_images), synthetic_image
     else:
         from vlmeff.eval.pope import load_pope
@@ -179,14 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="strategies, connectors and presets, one line each").set_defaults(fn=_cmd_list)
     run = sub.add_parser("run", help="answer one prompt about one image with a strategy, and print the stats")
-    run.add_argument("--model", required=True, help="model folder or hub id (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL)")
+    run.add_argument("--model", default="reference", help="model folder or hub id (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, "
+                     "Qwen2.5-VL), or 'reference' (default: the bundled reference model)")
     run.add_argument("--image", help="image file (any mode; see vlmeff.images for odd sizes)")
     run.add_argument("--prompt", required=True)
     run.add_argument("--strategy", default="vanilla",
                      help='strategy spec, e.g. "fastervlm:keep=64", a YAML file, or a preset from `vlmeff list`')
     run.add_argument("--max-new-tokens", type=int, default=64)
-    run.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    run.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where from_pretrained puts it)")
+    run.add_argument("--dtype", default="auto", help="auto (the checkpoint's dtype; reference: float32), float32, "
+                     "bfloat16, float16")
+    run.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:N")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", action="store_true", help="print one JSON object (answer, stats, records)")
     run.set_defaults(fn=_cmd_run)
@@ -221,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--parser", default="official", choices=["official", "lmms-eval", "substring"])
     ev.add_argument("--output", default="runs/pope", help="run folder (per-sample JSONL, summary, table, plot)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
-    ev.add_argument("--dtype", default="auto", help="auto (reference: bfloat16), float32, bfloat16, float16")
-    ev.add_argument("--device", default=None)
+    ev.add_argument("--dtype", default="auto", help="auto (the checkpoint's dtype; reference: float32), float32, "
+                    "bfloat16, float16")
+    ev.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:N")
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(fn=_cmd_eval)
 
@@ -263,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--num-images", type=int, default=12, help="calibration images (3 questions each)")
     cal.add_argument("--steps", type=int, default=8, help="bisection steps")
     cal.add_argument("--batch-size", type=int, default=8)
-    cal.add_argument("--dtype", default="auto")
-    cal.add_argument("--device", default=None)
+    cal.add_argument("--dtype", default="auto", help="auto (the checkpoint's dtype; reference: float32), float32, "
+                     "bfloat16, float16")
+    cal.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:N")
     cal.add_argument("--json-out", default=None)
     cal.set_defaults(fn=_cmd_calibrate)
 

@@ -10,16 +10,45 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bflo
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def load(name_or_path: str, *, dtype: str = "auto", device: str | None = None, attn_implementation: str = "sdpa"):
-    """Return (model, processor) for a LLaVA or Qwen2-VL checkpoint (folder or hub id).
+REFERENCE = "reference"
 
-    The processor falls back to vlmeff's image-only Qwen2-VL processor when AutoProcessor cannot build the full one
-    (its video processor needs torchvision, which is CUDA-only on PyPI).
+
+def resolve_device(device: str | None) -> str | None:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; None stays None (where from_pretrained puts the model);
+    anything else is checked by torch and returned as given."""
+    if device is None:
+        return None
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: no CUDA device is visible to torch {torch.__version__} "
+                         f"(CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+    return device
+
+
+def load(name_or_path: str, *, dtype: str = "auto", device: str | None = None, attn_implementation: str = "sdpa"):
+    """Return (model, processor) for a LLaVA, LLaVA-NeXT or Qwen2-VL checkpoint (folder or hub id), or for
+    `"reference"`: the bundled reference model (its pretrained parts are fetched and converted on first use).
+
+    dtype "auto" is the checkpoint's own dtype (float32 for the reference model). device: "auto" (GPU when visible),
+    "cpu", "cuda", "cuda:N", or None (where from_pretrained puts it). The processor falls back to vlmeff's image-only
+    Qwen2-VL processor when AutoProcessor cannot build the full one (its video processor needs torchvision, which is
+    CUDA-only on PyPI).
     """
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    device = resolve_device(device)
+    if name_or_path == REFERENCE:
+        from vlmeff.reference.model import load_reference
+
+        model, processor = load_reference(dtype=torch.float32 if dtype == "auto" else DTYPES[dtype])
+        return (model if device is None else model.to(device)), processor
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as e:

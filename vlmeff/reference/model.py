@@ -76,8 +76,10 @@ def assemble(vision_model, causal_lm, tokenizer, cfg: ReferenceConfig):
         tokenizer.pad_token = tokenizer.eos_token
     text_config = causal_lm.config
     text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
+    # vision_config.image_size stays the pretrained one (518 for DINOv2): it sizes the position table, which the
+    # tower interpolates to the 16 x 16 grid of cfg.image_size at run time; a smaller value here would make a saved
+    # model's table (1370 rows) mismatch the one from_pretrained builds
     vision_config = vision_model.config
-    vision_config.image_size = cfg.image_size  # positions are interpolated from the pretrained grid
     config = LlavaConfig(
         vision_config=vision_config, text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
