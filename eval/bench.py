@@ -50,6 +50,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -63,6 +64,8 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from vlmeff.eval.intervals import ratio_interval
 
 DEFAULT_STRATEGIES = ("fastervlm", "flowcut", "visionzip", "aim", "random", "pool")
 DEFAULT_BUDGETS = (192, 128, 64)
@@ -454,6 +457,10 @@ def add_targets(rows: list[dict], smallest_budget: int) -> None:
         r["speedup"] = vanilla["prefill_s"] / r["prefill_s"] if r["prefill_s"] else float("nan")
         r["speedup_min"] = vanilla["prefill_min_s"] / r["prefill_min_s"] if r["prefill_min_s"] else float("nan")
         r["speedup_over_flop_ratio"] = r["speedup"] / r["flop_ratio"] if r["flop_ratio"] else float("nan")
+        # paired per pass (strategies are interleaved run by run): vanilla's prefill / this row's, same pass
+        paired = [v["prefill_s"] / c["prefill_s"] for v, c in zip(vanilla["calls"], r["calls"]) if c["prefill_s"]]
+        r["speedup_paired"], low, high = ratio_interval(paired)
+        r["speedup_ci95"] = [low, high]
         stages = set(r["stages"])
         at_target_budget = r["budget"] == smallest_budget or (
             r["budget"] is None and r["kept_per_image"] <= smallest_budget)
@@ -665,7 +672,8 @@ def device_name(device: torch.device) -> str:
 # ------------------------------------------------------------------------------------------------------ reports
 
 TABLE_COLUMNS = ("strategy", "stage", "kept tokens", "equiv. tokens", "prefill GFLOPs", "FLOP ratio",
-                 "prefill ms", "speedup", "speedup / FLOP ratio", "speedup (fastest runs)", "overhead ms",
+                 "prefill ms", "speedup", "speedup / FLOP ratio", "speedup (fastest runs)", "paired speedup (95% CI)",
+                 "overhead ms",
                  "overhead %", "decode ms/token", "peak MiB", "peak +MiB", "speedup target", "overhead target")
 BATCH_COLUMNS = ("strategy", "samples", "images / sample", "kept tokens / sample", "text tokens / sample",
                  "batched s", "one by one s", "batched samples/s", "one by one samples/s", "throughput ratio",
@@ -689,6 +697,14 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / MIB:.0f}"
 
 
+def _paired(row: dict[str, Any]) -> str:
+    low, high = row.get("speedup_ci95", [math.nan, math.nan])
+    if not math.isfinite(row.get("speedup_paired", math.nan)):
+        return "-"
+    interval = f" ({low:.2f}-{high:.2f})" if math.isfinite(low) and math.isfinite(high) else ""
+    return f"{row['speedup_paired']:.2f}{interval}"
+
+
 def table_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     out = []
     for r in results["rows"]:
@@ -701,6 +717,7 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, str]]:
             "FLOP ratio": f"{r['flop_ratio']:.2f}", "prefill ms": f"{r['prefill_s'] * 1e3:.1f}",
             "speedup": f"{r['speedup']:.2f}", "speedup / FLOP ratio": f"{r['speedup_over_flop_ratio']:.2f}",
             "speedup (fastest runs)": f"{r['speedup_min']:.2f}",
+            "paired speedup (95% CI)": _paired(r),
             "overhead ms": f"{r['strategy_s'] * 1e3:.1f}", "overhead %": f"{100 * r['overhead_frac']:.2f}",
             "decode ms/token": f"{r['decode_s_per_token'] * 1e3:.1f}", "peak MiB": _mib(r["peak_bytes"]),
             "peak +MiB": _mib(r["peak_delta_bytes"]), "speedup target": _mark(r["speedup_target_met"]),
@@ -747,7 +764,9 @@ def markdown_report(results: dict[str, Any]) -> str:
     smallest = min(results["budgets"])
     lines += ["", f"prefill = encode + strategy + first LLM forward (time to first token), median over the runs; "
               "speedup = vanilla prefill / strategy prefill (medians; the target uses these); speedup (fastest runs) "
-              "= the same from each row's fastest run, less sensitive to other load on a shared machine; FLOP "
+              "= the same from each row's fastest run, less sensitive to other load on a shared machine; paired speedup = "
+              "geometric mean of vanilla / strategy prefill within each pass, with the 95 % t-interval over passes; "
+              "FLOP "
               "ratio = vanilla / strategy prefill FLOPs; speedup target: speedup >= "
               f"{SPEEDUP_TARGET} x FLOP ratio at {smallest} tokens for methods that reduce before the LLM; overhead "
               f"= stats.strategy_s (scores, selection, splice), target <= {OVERHEAD_TARGET:.0%} of prefill "
@@ -772,20 +791,65 @@ def markdown_report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_speedups(results: dict[str, Any], path: Path) -> None:
+    """Measured prefill speedup vs FLOP ratio (both vs vanilla), one point per strategy row with the 95 % t-interval
+    of its paired per-pass speedups, and the y = x line where time falls exactly as FLOPs do."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vlmeff.eval.runner import short_label
+
+    rows = [r for r in results["rows"] if r["spec"] != "vanilla" and math.isfinite(r.get("flop_ratio", math.nan))]
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=120)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xh<>"
+    top = 1.0
+    families = list(dict.fromkeys(short_label(r["spec"]) for r in rows))  # one colour per method
+    budgets = sorted({r["budget"] for r in rows if r["budget"] is not None}, reverse=True)  # one marker per budget
+    for r in rows:
+        i = families.index(short_label(r["spec"]))
+        marker = markers[budgets.index(r["budget"]) % len(markers)] if r["budget"] in budgets else "*"
+        centre = r.get("speedup_paired", r["speedup"])
+        low, high = r.get("speedup_ci95", [math.nan, math.nan])
+        err = None if not (math.isfinite(low) and math.isfinite(high)) else [[centre - low], [high - centre]]
+        ax.errorbar([r["flop_ratio"]], [centre], yerr=err, marker=marker,
+                    color=cycle[i % len(cycle)], linestyle="none", capsize=2, markersize=6,
+                    label=short_label(r["spec"], budgets=True))
+        top = max(top, r["flop_ratio"], high if math.isfinite(high) else centre)
+    ax.plot([1, top * 1.05], [1, top * 1.05], linestyle="--", color="black", linewidth=1, label="y = x (time ∝ FLOPs)")
+    ax.set_xlabel("FLOP ratio (vanilla / strategy prefill FLOPs)")
+    ax.set_ylabel("prefill speedup vs vanilla (95% CI over paired passes)")
+    info, cfg = results["model"], results["config"]
+    title = (f"vlmeff bench: {info['name']}, {info['dtype']}, {results['device']}, {info['visual_tokens']} visual + "
+             f"{cfg['text_tokens']} text tokens, {cfg['runs']} interleaved passes per strategy")
+    ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def write_outputs(results: dict[str, Any], output: str | Path, argv: Sequence[str]) -> dict[str, Path]:
-    """table.md, results.json and run.json in `output` (created)."""
+    """table.md, speedup.png, results.json and run.json in `output` (created)."""
     from vlmeff.eval.runner import environment
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(markdown_report(results))
+    plot_speedups(results, out / "speedup.png")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     run = environment(argv, results["config"]["seed"])  # command, seed, time, versions, platform
     run.update({"device": results["device"], "dtype": results["model"]["dtype"], "threads": results["threads"],
                 "cpu_count": os.cpu_count(), "load_average": results["load_average"], "bench_s": results["bench_s"],
                 "build_s": results["model"]["build_s"], "config": results["config"]})
     (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
-    return {"table": out / "table.md", "results": out / "results.json", "run": out / "run.json"}
+    return {"table": out / "table.md", "plot": out / "speedup.png", "results": out / "results.json",
+            "run": out / "run.json"}
 
 
 def run_bench_cli(args, argv: Sequence[str]) -> dict[str, Path]:

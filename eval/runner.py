@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from vlmeff.eval.intervals import bootstrap_interval, wilson_interval
 from vlmeff.eval.metrics import pope_summary
 from vlmeff.eval.parsers import PARSERS
 from vlmeff.eval.pope import LLAVA_PROMPT_SUFFIX, PopeSample
@@ -241,6 +242,7 @@ def summarize(results: dict[str, list[dict]], parser: str) -> dict:
         n = max(1, len(records))
         summary[spec] = {
             "spec": spec, "parser": parser, "metrics": metrics[parser], "metrics_all_parsers": metrics,
+            "ci95": pope_intervals(by_split, PARSERS[parser]),
             "n": len(records),
             "kept_tokens": sum(r["kept_tokens"] for r in records) / n,
             # layer-averaged visual tokens inside the LLM (= kept tokens for methods acting before the LLM)
@@ -253,6 +255,19 @@ def summarize(results: dict[str, list[dict]], parser: str) -> dict:
     return summary
 
 
+def pope_intervals(by_split: dict[str, list[dict]], parse: Callable[[str], str],
+                   keys: Sequence[str] = ("accuracy", "f1")) -> dict[str, list[float]]:
+    """95 % bootstrap intervals of the mean-over-splits metrics (questions resampled within each split)."""
+    parsed = {split: [(parse(r["answer"]), r["label"]) for r in rs] for split, rs in by_split.items()}
+    out = {}
+    for key in keys:
+        def statistic(groups, key=key):
+            return pope_summary({g: ([p for p, _ in items], [lab for _, lab in items])
+                                 for g, items in groups.items()})["mean"][key]
+        out[key] = list(bootstrap_interval(parsed, statistic))
+    return out
+
+
 def table_rows(summary: dict) -> list[dict]:
     rows = []
     for spec, s in summary.items():
@@ -262,7 +277,9 @@ def table_rows(summary: dict) -> list[dict]:
                "prefill GFLOPs": round(s["prefill_gflops"], 2)}
         for split in [k for k in m if k != "mean"]:
             row[f"{split} F1"] = round(100 * m[split]["f1"], 1)
+        ci = s.get("ci95", {}).get("f1")
         row.update({"mean acc": round(100 * m["mean"]["accuracy"], 1), "mean F1": round(100 * m["mean"]["f1"], 1),
+                    "F1 95% CI": "-" if not ci else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}",
                     "yes %": round(100 * m["mean"]["yes_ratio"], 1), "prefill ms": round(s["prefill_ms"], 1),
                     "n": s["n"]})
         rows.append(row)
@@ -275,11 +292,12 @@ def markdown_table(rows: list[dict], parser: str) -> str:
     lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
     return "\n".join(lines) + (f"\n\nParser: {parser}. Metrics in %, positive = yes; times are per question. "
                                 "kept tokens = visual tokens entering the LLM; equiv. tokens = visual tokens averaged "
-                                "over the LLM's layers (differs only for in-LLM methods).\n")
+                                "over the LLM's layers (differs only for in-LLM methods); F1 95% CI = percentile bootstrap "
+                                "of the mean F1 (1000 resamples of the questions within each split).\n")
 
 
 def write_reports(output: Path, summary: dict, parser: str, metric: str = "f1",
-                  title_prefix: str | None = None) -> dict[str, Path]:
+                  title_prefix: str | None = None, budgets: Sequence[int] | None = None) -> dict[str, Path]:
     output.mkdir(parents=True, exist_ok=True)
     rows = table_rows(summary)
     (output / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -293,47 +311,69 @@ def write_reports(output: Path, summary: dict, parser: str, metric: str = "f1",
     plot_path = output / f"pope_{metric}.png"
     n = max((x["n"] for x in summary.values()), default=0)
     plot(summary, plot_path, metric, title=f"{title_prefix}parser {parser}, {n} questions per row" if title_prefix
-         is not None else None)
+         is not None else None, budgets=budgets)
     return {"summary": output / "summary.json", "csv": output / "summary.csv", "table": output / "table.md",
             "plot": plot_path}
 
 
-def plot(summary: dict, path: Path, metric: str = "f1", title: str | None = None) -> None:
-    """Mean `metric` vs visual tokens, one line per method family (single points for methods without a budget),
-    vanilla dashed; the legend sits outside the axes so it never covers a point."""
+def plot(summary: dict, path: Path, metric: str = "f1", title: str | None = None,
+         budgets: Sequence[int] | None = None) -> None:
+    """Mean `metric` vs visual tokens (log2 axis, ticks at the budgets and vanilla's count), one line per method
+    family with 95 % bootstrap intervals as error bars; vanilla dashed with its interval as a band, blind (no image)
+    dotted; short legend names outside the axes so that no point is covered."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    vanilla = None
-    ax_lines: list[tuple[str, float]] = []
-    for spec, s in summary.items():
+    def value_and_error(s):
         value = 100 * s["metrics"]["mean"][metric]
+        ci = s.get("ci95", {}).get(metric)
+        if not ci:
+            return value, (0.0, 0.0), None
+        low, high = 100 * ci[0], 100 * ci[1]
+        return value, (max(0.0, value - low), max(0.0, high - value)), (low, high)
+
+    families: dict[str, list[tuple[float, float, tuple[float, float]]]] = defaultdict(list)
+    vanilla = blind = None
+    for spec, s in summary.items():
+        value, err, band = value_and_error(s)
         tokens = s.get("equivalent_tokens", s["kept_tokens"])
         if spec == "vanilla":
-            vanilla = (tokens, value)
-            continue
-        if spec == BLIND:
-            ax_lines.append(("blind (no image)", value))
-            continue
-        families[short_label(spec)].append((tokens, value))
+            vanilla = (tokens, value, band)
+        elif spec == BLIND:
+            blind = (value, band)
+        else:
+            families[short_label(spec)].append((tokens, value, err))
     fig, ax = plt.subplots(figsize=(9.5, 4.8), dpi=120)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = "osD^vP*Xh<>"
     for i, (name, points) in enumerate(sorted(families.items())):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[(i // len(cycle)) % len(markers)],
-                color=cycle[i % len(cycle)], label=name, markersize=5, linewidth=1.2)
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[[p[2][0] for p in points],
+                    [p[2][1] for p in points]], marker=markers[(i // len(cycle)) % len(markers)],
+                    color=cycle[i % len(cycle)], label=name, markersize=5, linewidth=1.2, capsize=2, elinewidth=0.7)
     if vanilla is not None:
         ax.axhline(vanilla[1], linestyle="--", color="black", label=f"vanilla ({vanilla[0]:.0f} tokens)")
-    for label, value in ax_lines:
-        ax.axhline(value, linestyle=":", color="gray", label=label)
-    ax.set_xlabel("visual tokens per question (layer-averaged inside the LLM)")
-    ax.set_ylabel(f"POPE mean {metric} (%)")
+        ax.plot([vanilla[0]], [vanilla[1]], marker="*", color="black", markersize=9, linestyle="none")
+        if vanilla[2]:
+            ax.axhspan(*vanilla[2], color="black", alpha=0.07, linewidth=0)
+    if blind is not None:
+        ax.axhline(blind[0], linestyle=":", color="gray", label="blind (no image)")
+        if blind[1]:
+            ax.axhspan(*blind[1], color="gray", alpha=0.07, linewidth=0)
+    ax.set_xscale("log", base=2)
+    ticks = sorted({*(budgets or []), *(round(p[0]) for pts in families.values() for p in pts
+                                         if not budgets)} | ({round(vanilla[0])} if vanilla else set()))
+    if ticks:
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+    ax.set_xlabel("visual tokens per image (layer-averaged inside the LLM)")
+    ax.set_ylabel(f"POPE mean {metric} (%), 95% bootstrap CI")
     if title:
-        ax.set_title(title, fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
@@ -361,17 +401,13 @@ def default_image_loader(sample: PopeSample) -> Image.Image:
 
 
 def load_eval_model(args):
-    """(model, processor, name) for `vlmeff eval`: the bundled reference model by default."""
+    """(model, processor, name) for `vlmeff eval`: the bundled reference model by default (float32 under dtype
+    auto: bf16 matmuls were slower than fp32 on the project's CPUs, see the model card), on --device."""
     import vlmeff
 
-    if args.model in (None, "reference"):
-        from vlmeff.reference.model import load_reference
-
-        # float32 by default: bf16 matmuls were 7x slower than fp32 on the project's CPUs (see the model card)
-        model, processor = load_reference(dtype=vlmeff.loading.DTYPES[args.dtype if args.dtype != "auto" else "fp32"])
-        return model, processor, "reference"
-    model, processor = vlmeff.load(args.model, dtype=args.dtype, device=args.device)
-    return model, processor, args.model
+    name = args.model or vlmeff.loading.REFERENCE
+    model, processor = vlmeff.load(name, dtype=args.dtype, device=args.device)
+    return model, processor, name
 
 
 def start_run(args):
@@ -384,12 +420,17 @@ def start_run(args):
     return (output, *load_eval_model(args))
 
 
-def run_specs(args, model_name: str, default: list[str]) -> list[str]:
-    """vanilla, then every --strategy (or `default`) once per --budgets value where it takes one, without repeats
-    (default budgets: 128,64,32 on the 256-token reference model, 192,128,64 otherwise)."""
+def run_budgets(args, model_name: str) -> list[int]:
+    """--budgets, or the default: 128,64,32 on the 256-token reference model, 192,128,64 otherwise."""
     default_budgets = "128,64,32" if model_name == "reference" else "192,128,64"
-    budgets = [int(b) for b in (args.budgets or default_budgets).split(",")]
-    specs = ["vanilla"]
+    return [int(b) for b in (args.budgets or default_budgets).split(",")]
+
+
+def run_specs(args, model_name: str, default: list[str], baselines: Sequence[str] = ("vanilla",)) -> list[str]:
+    """The baselines (vanilla; for POPE also blind), then every --strategy (or `default`) once per budget where it
+    takes one (`run_budgets`), without repeats."""
+    budgets = run_budgets(args, model_name)
+    specs = list(baselines)
     for spec in args.strategy or default:
         specs += [s for s in budgeted(spec, budgets) if s not in specs]
     return specs
@@ -431,7 +472,8 @@ def run_pope_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
                 per_split[s.split] += 1
                 kept_samples.append(s)
         samples = kept_samples
-    specs = run_specs(args, model_name, default=["fastervlm"])
+    # blind (no image) runs by default: the language prior every POPE number should be read against
+    specs = run_specs(args, model_name, default=["fastervlm"], baselines=("vanilla", BLIND))
     output.mkdir(parents=True, exist_ok=True)
     env = environment(argv, args.seed)
     env.update({"model": model_name, "data": args.data or "synthetic-pope", "splits": splits,
@@ -446,7 +488,7 @@ def run_pope_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
     summary = summarize(results, args.parser)
     title = (f"POPE ({args.data or 'synthetic world'}, splits {', '.join(splits)}) on {model_name}, "
              f"{decoding_label(generation_kwargs(args))}, ")
-    paths = write_reports(output, summary, args.parser, title_prefix=title)
+    paths = write_reports(output, summary, args.parser, title_prefix=title, budgets=run_budgets(args, model_name))
     env["wall_s"] = round(time.time() - t0, 1)
     (output / "run.json").write_text(json.dumps(env, indent=1))
     print((output / "table.md").read_text())
@@ -497,8 +539,7 @@ def chair_table(summary: dict, setting: str) -> str:
 
 
 def plot_chair(summary: dict, path: Path, title: str) -> None:
-    """CHAIR_S and CHAIR_I per strategy (horizontal bars; CHAIR_S with its binomial standard error)."""
-    import math
+    """CHAIR_S and CHAIR_I per strategy (horizontal bars; CHAIR_S with its 95 % Wilson interval over captions)."""
     import textwrap
 
     import matplotlib
@@ -511,9 +552,11 @@ def plot_chair(summary: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(specs) + 1.8), dpi=120)
     y = range(len(specs))
     chair_s = [summary[s]["metrics"]["chair_s"] for s in specs]
-    errors = [100 * math.sqrt(p * (1 - p) / max(1, summary[s]["n"])) for p, s in zip(chair_s, specs)]
+    intervals = [wilson_interval(round(p * summary[s]["n"]), summary[s]["n"]) for p, s in zip(chair_s, specs)]
+    errors = [[100 * max(0.0, p - lo) for p, (lo, _) in zip(chair_s, intervals)],
+              [100 * max(0.0, hi - p) for p, (_, hi) in zip(chair_s, intervals)]]
     ax.barh([i - 0.2 for i in y], [100 * p for p in chair_s], height=0.4, xerr=errors, capsize=2,
-            label="CHAIR_S (+- 1 s.e.)")
+            label="CHAIR_S (95% Wilson CI)")
     ax.barh([i + 0.2 for i in y], [100 * summary[s]["metrics"]["chair_i"] for s in specs], height=0.4,
             label="CHAIR_I")
     ax.set_yticks(list(y), labels, fontsize=7)

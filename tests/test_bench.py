@@ -87,6 +87,19 @@ def test_table_and_files(results, tmp_path):
     assert run["command"] == "vlmeff bench --quick" and run["threads"] == 1 and run["dtype"] == "bfloat16"
     assert {"torch", "transformers"} <= set(run["versions"])
     assert paths["table"].read_text() == table
+    assert paths["plot"].stat().st_size > 1000
+
+
+def test_paired_speedup_interval_comes_from_the_same_passes(results):
+    from vlmeff.eval.intervals import ratio_interval
+
+    vanilla = results["rows"][0]
+    for row in results["rows"][1:]:
+        paired = [v["prefill_s"] / c["prefill_s"] for v, c in zip(vanilla["calls"], row["calls"])]
+        centre, low, high = ratio_interval(paired)
+        assert row["speedup_paired"] == centre
+        assert row["speedup_ci95"] == pytest.approx([low, high], nan_ok=True)
+        assert min(paired) <= centre <= max(paired)
 
 
 def test_inputs_left_padded_with_image_runs():
