@@ -2,7 +2,7 @@
 
 A registry keyed by the vision config's `model_type` (no class-name checks). Each entry knows the tower's encoder
 layers, whether it has a [CLS] token, and how to get the [CLS] query and all keys of one layer from that layer's
-input, so that a strategy needing the [CLS] attention row recomputes exactly that row (METHODS.md, "Shared rules":
+input, so that a strategy needing the [CLS] attention row recomputes exactly that row (docs/methods.md, "Shared rules":
 q = q_proj(ln1(h))[:, 0] * head_dim^-0.5, k = k_proj(ln1(h)), softmax per head) instead of running the tower eagerly.
 """
 

@@ -2,7 +2,7 @@
 
 POPE numbers depend on how the generated text is turned into a yes/no decision, and the common code
 bases disagree. Each parser below states the rule it follows and where that rule comes from; always
-report the parser's name next to POPE results (METHODS.md, "Evaluation conventions").
+report the parser's name next to POPE results (docs/methods.md, "6. Benchmarks").
 
 ``PARSERS`` maps a name to a function ``fn(text: str) -> "yes" | "no" | "other"``:
 

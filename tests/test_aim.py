@@ -19,7 +19,7 @@ PROMPTS = ["What is in the image?", "Is there a dog in the image? Answer yes or 
 
 
 def reference_merge(x, metric=None, index=None, iterations=None, keep=None):
-    """AIM's merge written out with Python loops (METHODS.md "AIM", odd lengths and partial rounds as documented).
+    """AIM's merge written out with Python loops (docs/methods.md "AIM", odd lengths and partial rounds as documented).
 
     x: [N, D]; metric: [N, M] or None (then the tokens themselves); index: original indices (default 0..N-1).
     Returns (merged features [N', D] float64, representatives, groups).

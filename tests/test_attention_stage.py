@@ -1,6 +1,6 @@
 """Attention-stage strategies (naavit, mma, cca, pai, paint) through the router and the token layout.
 
-Masks are checked against dense boolean matrices written with plain loops from the METHODS.md predicates; prefills
+Masks are checked against dense boolean matrices written with plain loops from the docs/methods.md predicates; prefills
 against the stock eager model given that dense mask and those positions; CCA's prefill and decode positions against
 the formula; PAI's boost against a hand-computed edit of the pre-softmax row."""
 

@@ -23,7 +23,7 @@ PROMPTS = ["What is in the image?", "Is there a dog in the image? Answer yes or 
 
 # --- plain reference implementations ----------------------------------------------------------------------------
 def reference_topk(score: list[float], k: int) -> list[int]:
-    """Rank by (-score, index), keep k, raster order (METHODS.md shared rules)."""
+    """Rank by (-score, index), keep k, raster order (docs/methods.md shared rules)."""
     return sorted(sorted(range(len(score)), key=lambda j: (-score[j], j))[:k])
 
 

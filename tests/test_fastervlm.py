@@ -12,7 +12,7 @@ from vlmeff.strategy import NotApplicableError, topk_sorted
 
 
 def reference_topk(score: list[float], k: int) -> list[int]:
-    """Rank by (-score, index), keep k, raster order: METHODS.md shared rules, written out plainly."""
+    """Rank by (-score, index), keep k, raster order: docs/methods.md shared rules, written out plainly."""
     return sorted(sorted(range(len(score)), key=lambda j: (-score[j], j))[:k])
 
 

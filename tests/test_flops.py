@@ -66,7 +66,7 @@ def test_llm_layer_flops_matches_hand_arithmetic():
     with pytest.raises(ValueError, match="3 layers"):
         llm_prefill_flops(cfg, [7, 5])
 
-    # no head_dim attribute -> hidden // heads; MHA (no num_key_value_heads) -> the METHODS.md expression
+    # no head_dim attribute -> hidden // heads; MHA (no num_key_value_heads) -> the docs/methods.md expression
     mha = SimpleNamespace(hidden_size=32, num_attention_heads=4, intermediate_size=80, num_hidden_layers=1,
                           vocab_size=11)
     d, m = 32, 80

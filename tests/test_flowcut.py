@@ -19,7 +19,7 @@ PROMPTS = ["What is in the image?", "Is there a dog in the image? Answer yes or 
 
 
 def reference_flowcut(model, pixel_values, keep: int, semantic_scale: bool = False):
-    """METHODS.md "FlowCut" written out plainly: per image, per head, Python loops; P = max over the batch.
+    """docs/methods.md "FlowCut" written out plainly: per image, per head, Python loops; P = max over the batch.
 
     Returns (kept original patch indices per image, patch count after each block).
     """

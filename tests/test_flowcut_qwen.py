@@ -23,7 +23,7 @@ def rotate(x):
 
 
 def reference_qwen_flowcut(model, pixel_rows, grid, keep):
-    """METHODS.md "FlowCut" (Qwen2-VL ViT) for ONE image, written out plainly (per-head loops, full attention).
+    """docs/methods.md "FlowCut" (Qwen2-VL ViT) for ONE image, written out plainly (per-head loops, full attention).
 
     Returns (kept group indices in raster order, merged features of the kept groups, groups after each block).
     """

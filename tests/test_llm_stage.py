@@ -51,7 +51,7 @@ def layer_lengths(model):
 
 
 def reference_fastv_cells(model, inputs, layer, keep):
-    """METHODS.md FastV recomputed with an eager copy of the model and output_attentions: per sample, the attention
+    """docs/methods.md FastV recomputed with an eager copy of the model and output_attentions: per sample, the attention
     of its last token in layer K-1 over its visual tokens, mean over heads, top-k by (-score, position)."""
     eager = deepen(model, attn="eager")
     eager.load_state_dict(model.state_dict())

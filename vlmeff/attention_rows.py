@@ -1,7 +1,7 @@
 """Attention rows recomputed from captured vision-encoder inputs: the shared math behind connectors' probes and
 the strategies that score with them (one place; no strategy imports a connector for it).
 
-Scores are float32 softmax rows; only the rows a method needs are computed (METHODS.md, "Shared rules").
+Scores are float32 softmax rows; only the rows a method needs are computed (docs/methods.md, "Shared rules").
 """
 
 from __future__ import annotations

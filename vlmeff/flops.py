@@ -1,6 +1,6 @@
 """Analytic prefill FLOPs of a vision-language model: vision encoder, projector and LLM.
 
-Conventions (see METHODS.md, "Evaluation conventions" -> "FLOPs"):
+Conventions (see docs/methods.md, "6. Benchmarks" -> "FLOPs"):
 
 * **Prefill only.** One forward pass over the prompt (image tokens + text), plus the LM head on the
   positions whose logits are computed (``generate`` computes the last one only). Decode steps are not

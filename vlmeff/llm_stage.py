@@ -312,7 +312,7 @@ class LLMSession:
 
     # --- results ----------------------------------------------------------------------------------------------
     def per_sample_equivalent_tokens(self) -> list[float]:
-        """Layer-averaged visual tokens of each batch row (METHODS.md, "FLOPs": equivalent tokens)."""
+        """Layer-averaged visual tokens of each batch row (docs/methods.md, "FLOPs": equivalent tokens)."""
         return [sum(v) / self.num_layers for v in self.layer_visual]
 
     def equivalent_tokens(self) -> float:

@@ -1,4 +1,4 @@
-"""Concentric causal attention (CCA, arXiv 2410.15926; METHODS.md "Attention masks and positions").
+"""Concentric causal attention (CCA, arXiv 2410.15926; docs/methods.md "4. Attention masks, positions and scores").
 
 EXPERIMENTAL: the paper trains with these positions and this mask; vlmeff applies them training-free.
 

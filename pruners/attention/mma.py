@@ -1,4 +1,4 @@
-"""Modality-mutual attention (MMA, from AKI, arXiv 2503.02597; METHODS.md "Attention masks").
+"""Modality-mutual attention (MMA, from AKI, arXiv 2503.02597; docs/methods.md "4. Attention masks, positions and scores").
 
 EXPERIMENTAL: the paper trains with this mask; vlmeff applies it training-free to a causally trained model.
 

@@ -1,4 +1,4 @@
-"""NAAViT (No Attention Among Visual Tokens; SAISA paper, arXiv 2502.02458, METHODS.md "Attention masks").
+"""NAAViT (No Attention Among Visual Tokens; SAISA paper, arXiv 2502.02458, docs/methods.md "4. Attention masks, positions and scores").
 
 EXPERIMENTAL: the paper trains the model with this mask; vlmeff applies it training-free to a causally trained model.
 

@@ -1,4 +1,4 @@
-"""PAI (paying more attention to image, arXiv 2407.21771; METHODS.md "Hallucination mitigation"), attention part.
+"""PAI (paying more attention to image, arXiv 2407.21771; docs/methods.md "4. Attention masks, positions and scores"), attention part.
 
 Training-free. Two halves:
 - attention (this strategy): in decoder layers [start_layer, L), for the last query row of every call (the last

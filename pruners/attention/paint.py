@@ -1,4 +1,4 @@
-"""PAINT ("Fixing imbalanced attention", arXiv 2501.12206; METHODS.md "Hallucination mitigation"), attention part.
+"""PAINT ("Fixing imbalanced attention", arXiv 2501.12206; docs/methods.md "4. Attention masks, positions and scores"), attention part.
 
 Training-free, as the released code (hasanar1f/PAINT, modPAI) computes it, per image (the code reads sample 0 for
 the whole batch: not copied):

@@ -1,4 +1,4 @@
-"""The SAISA layer (Self-Attention Input Space Alignment, arXiv 2502.02458; METHODS.md "SAISA"), `saisa`.
+"""The SAISA layer (Self-Attention Input Space Alignment, arXiv 2502.02458; docs/methods.md "SAISA"), `saisa`.
 
 EXPERIMENTAL, needs trained weights: every decoder layer l owns a projector P_l = Linear(d_vis -> d), GELU,
 Linear(d -> d) applied to the raw vision features v (LLaVA: the feature-layer output the stock projector reads).

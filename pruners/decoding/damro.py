@@ -1,4 +1,4 @@
-"""DAMRO (arXiv 2410.04514; METHODS.md "DAMRO"), `damro`. Training-free; needs a vision tower with [CLS].
+"""DAMRO (arXiv 2410.04514; docs/methods.md "DAMRO"), `damro`. Training-free; needs a vision tower with [CLS].
 
 Outlier tokens, as the reference code computes them: the [CLS] row of the feature layer's attention read as ONE
 head over the full width (softmax(q k^T / sqrt(width)) on the q / k projection outputs, bias included), the [CLS]

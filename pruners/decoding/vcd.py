@@ -1,4 +1,4 @@
-"""VCD (visual contrastive decoding, arXiv 2311.16922; METHODS.md "VCD"), `vcd`. Training-free.
+"""VCD (visual contrastive decoding, arXiv 2311.16922; docs/methods.md "VCD"), `vcd`. Training-free.
 
 Contrast branch: the same prompt with the image distorted by diffusion forward noise on the processor's normalised
 pixels, x' = sqrt(abar_t) x + sqrt(1 - abar_t) eps at step t = noise_step (500) of 1000, beta_t = sigmoid(

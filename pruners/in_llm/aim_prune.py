@@ -1,4 +1,4 @@
-"""AIM, in-LLM half: progressive pruning of visual tokens by PageRank-style importance (arXiv 2412.03248; METHODS.md
+"""AIM, in-LLM half: progressive pruning of visual tokens by PageRank-style importance (arXiv 2412.03248; docs/methods.md
 "AIM").
 
 At each prefill layer l >= l1, from that layer's attention logits (scaled q.k, causal / padding mask applied):

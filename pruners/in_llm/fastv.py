@@ -1,4 +1,4 @@
-"""FastV: drop visual tokens inside the LLM by the last token's attention (arXiv 2403.06764; METHODS.md "Baselines").
+"""FastV: drop visual tokens inside the LLM by the last token's attention (arXiv 2403.06764; docs/methods.md "FastV").
 
 After decoder layer K - 1 (0-based; K = 2 by default, so layers 0 and 1 see everything), per sample: score_j =
 attention of the last prompt token over visual token j in layer K - 1, mean over heads (softmax over all keys, as

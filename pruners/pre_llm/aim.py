@@ -1,4 +1,4 @@
-"""AIM, merge half: iterative bipartite token merging before the LLM (arXiv 2412.03248; METHODS.md "AIM").
+"""AIM, merge half: iterative bipartite token merging before the LLM (arXiv 2412.03248; docs/methods.md "AIM").
 
 One iteration over the current sequence of N tokens (raster order of their representatives):
 1. split alternately: A = even positions 0, 2, 4, ... (sources), B = odd positions 1, 3, 5, ... (destinations);
@@ -54,7 +54,7 @@ from vlmeff.strategy import Budget, ImageTokens, NotApplicableError, Stage, Stra
 
 METRICS = ("keys", "features")
 DEFAULT_ITERATIONS = 3
-VIDEO_ITERATIONS = 2  # the reference's default for video frames (METHODS.md "AIM")
+VIDEO_ITERATIONS = 2  # the reference's default for video frames (docs/methods.md "AIM")
 
 
 def merge_schedule(num_tokens: int, iterations: int | None = None, keep: int | None = None) -> list[int]:

@@ -1,4 +1,4 @@
-"""FasterVLM: [CLS]-attention pruning before the LLM (arXiv 2412.01818; METHODS.md "FasterVLM").
+"""FasterVLM: [CLS]-attention pruning before the LLM (arXiv 2412.01818; docs/methods.md "FasterVLM").
 
 score_j = mean over heads of softmax(q_CLS . k / sqrt(d)) at the feature layer, patch column j (softmax over all
 keys including [CLS], no renormalisation); keep the top-k, raster order. The row is recomputed from the captured

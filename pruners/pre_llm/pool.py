@@ -1,4 +1,4 @@
-"""Pool: average-pool each image's token grid to a smaller grid (METHODS.md "Random and Pool" baselines).
+"""Pool: average-pool each image's token grid to a smaller grid (docs/methods.md "Random", "Pool").
 
 Grid size from the budget k: the smallest integer stride r >= 2 with t * ceil(h / r) * ceil(w / r) <= k (the largest
 pooled grid that fits, same stride on both axes so the aspect is kept); r = max(h, w) (one token per frame) when none

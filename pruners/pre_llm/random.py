@@ -1,4 +1,4 @@
-"""Random: keep k visual tokens of each image chosen uniformly at random (METHODS.md "Random and Pool" baselines).
+"""Random: keep k visual tokens of each image chosen uniformly at random (docs/methods.md "Random", "Pool").
 
 Rule: for one image with n current tokens and budget k (keep / ratio as for every pruner), the kept tokens are the
 first k entries of ``torch.randperm(n, generator=g)``, sorted back into raster order. The generator is seeded per

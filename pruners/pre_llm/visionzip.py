@@ -1,5 +1,5 @@
 """VisionZip: dominant tokens by [CLS] attention + contextual tokens merged by key similarity (arXiv 2412.04467;
-METHODS.md "Baselines users compare against", VisionZip).
+docs/methods.md "VisionZip").
 
 Per image with V patches, at the feature block (the block whose output LLaVA reads):
 1. dominant: score_j = sum over heads of the [CLS] attention row (softmax over all keys), patch column j; keep the

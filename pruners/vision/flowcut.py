@@ -1,4 +1,4 @@
-"""FlowCut: progressive information-flow pruning inside the vision encoder (arXiv 2505.19536; METHODS.md "FlowCut").
+"""FlowCut: progressive information-flow pruning inside the vision encoder (arXiv 2505.19536; docs/methods.md "FlowCut").
 
 After each encoder block l (0-based), while more than T patches remain, from the block's INPUT (its ln1, q, k, v):
   rel  = [CLS] attention row over the current patches (mean over heads), normalised to sum 1;

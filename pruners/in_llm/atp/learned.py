@@ -1,4 +1,4 @@
-"""ATP-LLaVA's learned pruning module, `atp-learned` (arXiv 2412.00447; METHODS.md "ATP").
+"""ATP-LLaVA's learned pruning module, `atp-learned` (arXiv 2412.00447; docs/methods.md "ATP").
 
 EXPERIMENTAL: no official code exists. vlmeff trains the paper's module on its reference model with the LLM frozen
 (`vlmeff reference train-atp`); the spatial score S_sp and the exact MLP inputs are vlmeff's reading of the paper.
@@ -192,7 +192,7 @@ class SoftATP:
     G_j = hard_j + soft_j - stop_gradient(soft_j): hard_j = 1 while token j passed every point so far (margin > 0),
     soft_j = the product of sigmoid(temperature * margin_j) over those points. So the forward pass is exactly the
     inference forward with the pruned tokens removed (later points score only the kept tokens too), and the loss
-    reaches the thresholds through the soft masks. (With the soft masks in the forward pass, as METHODS.md words
+    reaches the thresholds through the soft masks. (With the soft masks in the forward pass, as docs/methods.md words
     it, a token at m = 0.3 still feeds the later layers; measured on the reference model, thresholds trained that
     way kept too little at inference; see the model card.) `expected_fraction()` is the layer-averaged kept
     fraction E with the same straight-through rule. Its `vlmeff.router.Router` observes and replaces the attention
