@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import LlavaForConditionalGeneration
 
 from vlmeff.attention_rows import cls_attention_one_head, cls_attention_row
-from vlmeff.connector import Connector, VisionProbe
+from vlmeff.connector import Connector, VisionProbe, grid_boxes
 from vlmeff.connectors.vision_towers import vit_spec
 from vlmeff.kernels import gather_tokens
 from vlmeff.registry import register_connector
-from vlmeff.strategy import NotApplicableError, TokenReducer
+from vlmeff.strategy import NotApplicableError, SelectionRecord, TokenReducer
 
 
 class LlavaProbe(VisionProbe):
@@ -152,8 +153,94 @@ class LlavaConnector(Connector):
         features = hidden[:, 1:]  # [I, V', D_vis] feature layer, [CLS] dropped
         return list(features), list(positions[:, 1:] - 1), [dict(per_layer) for _ in range(num_images)]
 
+    def cell_boxes(self, image_size: tuple[int, int], record: SelectionRecord) -> torch.Tensor:
+        """Undo the image processor's steps, as it does them: LlavaImageProcessor's pad to a centred square (do_pad),
+        resize (shortest edge, shortest + longest edge, max height / width or a fixed size), centre crop (padding
+        first when the crop is larger), then one patch per cell. Any other pad (after these steps, at the bottom /
+        right) does not move the cells. LLaVA-1.5's single view only: a subclass for another model (LLaVA-NeXT's
+        views) must give its own."""
+        from transformers.image_processing_backends import PilBackend
+
+        if not isinstance(self.model, LlavaForConditionalGeneration):
+            raise NotApplicableError(f"the {self.name} connector does not map its views' token grids to image boxes "
+                                     "(LLaVA-1.5's single-view geometry does not apply)")
+        processor = getattr(self.processor, "image_processor", None)
+        if processor is None:
+            raise NotApplicableError("cell boxes need the model's image processor: vlmeff.wrap(model, processor, ...)")
+        width, height = image_size
+        _, rows, cols = record.grid
+        patch = self.config.vision_config.patch_size
+        square = bool(getattr(processor, "do_pad", False)) and isinstance(processor, _square_pad_processors())
+        late_pad = bool(getattr(processor, "do_pad", False)) and not square
+        pad_x = pad_y = 0
+        if square:
+            side = max(width, height)
+            pad_x, pad_y, width, height = (side - width) // 2, (side - height) // 2, side, side
+        resized_h, resized_w = _resized_size(processor, height, width) if processor.do_resize else (height, width)
+        top = left = 0
+        if processor.do_center_crop:
+            crop_h, crop_w = _size_field(processor.crop_size, "height"), _size_field(processor.crop_size, "width")
+            ceil_pad = isinstance(processor, PilBackend)  # numpy's centre crop pads ceil((C - R) / 2) in front
+            top, left = _crop_start(resized_h, crop_h, ceil_pad), _crop_start(resized_w, crop_w, ceil_pad)
+            seen = (crop_h, crop_w)
+        else:
+            seen = (resized_h, resized_w)
+        if not late_pad and seen != (rows * patch, cols * patch):
+            raise NotApplicableError(f"the image processor makes {seen[1]}x{seen[0]} px views but the token grid "
+                                     f"{rows}x{cols} of {patch} px patches needs {cols * patch}x{rows * patch}")
+        steps = torch.arange(max(rows, cols) + 1, dtype=torch.float64) * patch
+        xs = (steps[: cols + 1] + left) * (width / resized_w) - pad_x
+        ys = (steps[: rows + 1] + top) * (height / resized_h) - pad_y
+        return grid_boxes(xs, ys)
+
     def project(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         projector = self.model.model.multi_modal_projector
         if len({f.shape[0] for f in features}) == 1:  # one batched call when counts agree
             return list(projector(torch.stack(features)))
         return [projector(f[None])[0] for f in features]
+
+
+def _size_field(size, key: str):
+    """A field of an image processor's size dict (a SizeDict in transformers 5, a plain dict before)."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def _resized_size(processor, height: int, width: int) -> tuple[int, int]:
+    """(height, width) after the processor's resize, by the helpers transformers' backends call."""
+    from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
+    from transformers.image_utils import ChannelDimension, get_image_size_for_max_height_width
+
+    size = processor.size
+    shortest, longest = _size_field(size, "shortest_edge"), _size_field(size, "longest_edge")
+    if shortest and longest:
+        return tuple(get_size_with_aspect_ratio((height, width), shortest, longest))
+    if shortest:  # the helper only reads the shape: a zero-stride stand-in of that shape costs no memory
+        shape_only = np.broadcast_to(np.zeros((), np.uint8), (1, height, width))
+        return tuple(get_resize_output_image_size(shape_only, size=shortest, default_to_square=False,
+                                                  input_data_format=ChannelDimension.FIRST))
+    max_h, max_w = _size_field(size, "max_height"), _size_field(size, "max_width")
+    if max_h and max_w:
+        return tuple(get_image_size_for_max_height_width((height, width), max_h, max_w))
+    if _size_field(size, "height") and _size_field(size, "width"):
+        return _size_field(size, "height"), _size_field(size, "width")
+    raise NotApplicableError(f"cell boxes: image processor size {size!r} is not a resize vlmeff knows")
+
+
+def _crop_start(length: int, crop: int, ceil_pad: bool) -> int:
+    """Start of a centre crop of `crop` px in an axis of `length` px; negative when the crop pads the image."""
+    if crop <= length:
+        return (length - crop) // 2
+    return -((crop - length + 1) // 2 if ceil_pad else (crop - length) // 2)
+
+
+def _square_pad_processors() -> tuple[type, ...]:
+    """LLaVA's image processors, whose do_pad pads to a centred square BEFORE resizing (the torchvision one only
+    where torchvision imports)."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    classes: tuple[type, ...] = (LlavaImageProcessorPil,)
+    try:
+        from transformers.models.llava.image_processing_llava import LlavaImageProcessor
+    except ImportError:
+        return classes
+    return (*classes, LlavaImageProcessor)

@@ -3,7 +3,7 @@
 Reduction space: the merged tokens after the PatchMerger (one LLM token per 2x2 patch group), so pruning always
 removes whole merge groups. There is no [CLS] token. Position ids are always "preserve": the M-RoPE (t, h, w) ids
 of kept tokens are gathered from `get_rope_index` of the unpruned layout, text continues at the original ids, and
-`rope_deltas` is recomputed for the shorter sequence (METHODS.md, "Shared rules").
+`rope_deltas` is recomputed for the shorter sequence (docs/methods.md, "Shared rules").
 
 Video (Qwen2-VL's own path): inputs with `pixel_values_videos` [sum_v t_v*H_v*W_v, C*tp*p*p] and `video_grid_thw`
 [V, 3] (patch grid; tp = temporal_patch_size = 2 input frames per temporal patch) fill the `<|video_pad|>`
@@ -26,7 +26,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from vlmeff.attention_rows import global_query_attention
-from vlmeff.connector import Connector, ImageSlot, VisionProbe, assign_slots, find_runs
+from vlmeff.connector import Connector, ImageSlot, VisionProbe, assign_slots, find_runs, grid_boxes
 from vlmeff.kernels import gather_tokens
 from vlmeff.registry import register_connector
 from vlmeff.strategy import NotApplicableError, SelectionRecord, TokenReducer
@@ -220,6 +220,15 @@ class Qwen2VLConnector(Connector):
         finally:
             handle.remove()
         return list(out.pooler_output), QwenProbe(self, captured, grid_thw)
+
+    def cell_boxes(self, image_size: tuple[int, int], record: SelectionRecord) -> torch.Tensor:
+        """The processor resizes the whole image (smart_resize, no crop) to the merged grid times
+        patch_size * spatial_merge_size pixels, so each cell is a uniform share of the image."""
+        width, height = image_size
+        _, rows, cols = record.grid
+        xs = torch.linspace(0, width, cols + 1, dtype=torch.float64)
+        ys = torch.linspace(0, height, rows + 1, dtype=torch.float64)
+        return grid_boxes(xs, ys)
 
     # --- video ------------------------------------------------------------------------------------------------
     @property

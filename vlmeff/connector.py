@@ -95,6 +95,14 @@ def find_runs(is_token: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(b, s, e - s) for (b, s), (_, e) in zip(starts, ends)]
 
 
+def grid_boxes(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """[h * w, 4] boxes (x0, y0, x1, y1), raster order, of the rectilinear grid with column edges xs [w + 1] and row
+    edges ys [h + 1] (what `Connector.cell_boxes` returns)."""
+    x0, x1 = xs[:-1].expand(len(ys) - 1, -1), xs[1:].expand(len(ys) - 1, -1)  # [h, w]
+    y0, y1 = ys[:-1, None].expand_as(x0), ys[1:, None].expand_as(x0)
+    return torch.stack([x0, y0, x1, y1], dim=-1).reshape(-1, 4)
+
+
 def assign_slots(runs: list[tuple[int, int, int]], grids: list[tuple[int, int, int]]) -> list[ImageSlot]:
     """Split placeholder runs into per-image slots, images in row-major order of appearance (as HF scatters them)."""
     slots, image = [], 0
@@ -163,6 +171,13 @@ class Connector:
     @property
     def attn_implementation(self) -> str:
         return self.config.text_config._attn_implementation
+
+    @property
+    def runs_vision_stage(self) -> bool:
+        """True when `encode_reduced` can run vision-stage strategies inside this model's encoder. A method with a
+        stage to fall back on (FlowCut's LLM stage) reads it to choose where it runs; a connector whose encoder
+        cannot be pruned from inside (LLaVA-NeXT) says False."""
+        return type(self).encode_reduced is not Connector.encode_reduced
 
     # --- family specific ---------------------------------------------------------------------------------------
     def image_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int, int]]:
@@ -263,6 +278,15 @@ class Connector:
         """Per slot: its frame index within a video the model reads natively (Qwen2-VL's temporal patches), or None
         (a still image, or a frame the caller feeds as an image: the wrapper's `frames=` marks those)."""
         return [None] * len(slots)
+
+    def cell_boxes(self, image_size: tuple[int, int], record: SelectionRecord) -> torch.Tensor:
+        """[h * w, 4] float64 boxes (x0, y0, x1, y1), raster order, one per cell of the record's (1, h, w) token grid,
+        in pixels of the image as the processor received it (`image_size` = (width, height), after
+        `vlmeff.images.load_image`): the part of the image each visual token was made from, after the processor's
+        resize / crop / pad. Boxes may reach outside the image (padding the processor added). The record, not only
+        its grid, is passed so that multi-view families can tell which view it is. Overlays (`vlmeff.viz`) draw
+        with them."""
+        raise NotApplicableError(f"the {self.name} connector does not map its token grid to image boxes")
 
     # --- shared mechanics --------------------------------------------------------------------------------------
     def project_images(self, images: list[ImageTokens]) -> list[ImageTokens]:
