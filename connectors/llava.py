@@ -161,9 +161,6 @@ class LlavaConnector(Connector):
         views) must give its own."""
         from transformers.image_processing_backends import PilBackend
 
-        if not isinstance(self.model, LlavaForConditionalGeneration):
-            raise NotApplicableError(f"the {self.name} connector does not map its views' token grids to image boxes "
-                                     "(LLaVA-1.5's single-view geometry does not apply)")
         processor = getattr(self.processor, "image_processor", None)
         if processor is None:
             raise NotApplicableError("cell boxes need the model's image processor: vlmeff.wrap(model, processor, ...)")

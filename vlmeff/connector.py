@@ -137,6 +137,10 @@ class Connector:
     supported_positions: ClassVar[tuple[str, ...]] = ("reindex", "preserve")
     # "1d": one position id per token; "mrope": Qwen2-VL's (t, h, w) ids (strategies that rewrite positions refuse)
     rope: ClassVar[str] = "1d"
+    # True when each row's visual tokens are its reduction units' tokens concatenated in unit order (as the base
+    # `assemble` splices them); False where the connector re-arranges them (LLaVA-NeXT: crops interleave row by row,
+    # tokens over padding are dropped). A strategy pairing unit tokens with positions by concatenation reads it.
+    splices_in_unit_order: ClassVar[bool] = True
 
     def __init__(self, model, processor=None):
         self.model = model

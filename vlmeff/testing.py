@@ -1,6 +1,7 @@
 """Tiny, offline models of the real HF classes, for tests and for trying the CLI without a hub.
 
-Every builder returns real transformers classes (LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration)
+Every builder returns real transformers classes (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+Qwen2VLForConditionalGeneration)
 with random weights and a real processor whose tokenizer is a small byte-level BPE trained here, so nothing is
 downloaded. `save_tiny_model(kind, path)` writes model + processor with save_pretrained so that tests exercise
 the same from_pretrained path as real checkpoints.
@@ -101,6 +102,53 @@ def tiny_llava(vision: str = "clip", image_size: int = 56, patch_size: int = 7, 
     return model, processor
 
 
+# LLaVA-NeXT's pinpoints as (rows, columns) of crops: [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+NEXT_CROP_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+
+
+def tiny_llava_next(image_size: int = 42, patch_size: int = 7, seed: int = 0):
+    """A tiny LlavaNextForConditionalGeneration + LlavaNextProcessor: CLIP tower with [CLS] (a 6 x 6 patch grid per
+    42-px view), the real checkpoints' anyres crop grids at this view size (`NEXT_CROP_GRIDS`), the text head of
+    `tiny_llava`."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = build_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"])
+    tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
+    tokenizer.padding_side = "left"
+    pinpoints = [[rows * image_size, cols * image_size] for rows, cols in NEXT_CROP_GRIDS]
+    vision_config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                     image_size=image_size, patch_size=patch_size, projection_dim=32)
+    text_config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision_config, text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
 def tiny_qwen2_vl(seed: int = 0, image_size: int = 168, version: str = "2"):
     """A tiny Qwen2-VL (version "2") or Qwen2.5-VL ("2.5") model + image-only processor (image_size^2 pixels)."""
     from transformers import (
@@ -150,6 +198,7 @@ def tiny_qwen2_vl(seed: int = 0, image_size: int = 168, version: str = "2"):
 
 
 TINY_BUILDERS = {"llava-clip": lambda: tiny_llava("clip"), "llava-dinov2": lambda: tiny_llava("dinov2"),
+                 "llava-next": tiny_llava_next,
                  "qwen2-vl": tiny_qwen2_vl, "qwen2.5-vl": lambda: tiny_qwen2_vl(version="2.5")}
 
 

@@ -70,11 +70,19 @@ class RunStats:
 
 
 def find_connector(model, processor=None, name: str | None = None) -> Connector:
+    """The connector of `model`: found by its model class, or named, with options as in a spec item
+    ("llava-next:budget=per_image"; ":budget=per_image" keeps the automatic choice and sets an option)."""
+    options: dict[str, str] = {}
     if name is not None:
-        return CONNECTORS.get(name)(model, processor)
+        from vlmeff.spec import parse_item
+
+        head, _, _ = name.partition(":")
+        name, options = parse_item(name) if head.strip() else (None, parse_item("connector" + name)[1])
+    if name is not None:
+        return _connector_with(CONNECTORS.get(name), model, processor, options)
     for cls in CONNECTORS.items().values():
         if cls.matches(model):
-            return cls(model, processor)
+            return _connector_with(cls, model, processor, options)
     names = ", ".join(f"{n} ({', '.join(c.__name__ for c in cls.model_classes)})" for n, cls in CONNECTORS.items().items())
     raise TypeError(f"no vlmeff connector for {type(model).__name__}; supported: {names}")
 
@@ -91,7 +99,7 @@ class VLMWrapper:
             strategy.check_applicable(self.connector)
         # a method acting at several stages on this model (FlowCut on Qwen: encoder + LLM) expands into its parts
         expanded = [part for strategy in self.strategies for part in strategy.expand(self.connector)]
-        if len(expanded) != len(self.strategies):
+        if len(expanded) != len(self.strategies) or any(a is not b for a, b in zip(expanded, self.strategies)):
             self.strategies = build_pipeline(expanded)
             for strategy in self.strategies:
                 strategy.check_applicable(self.connector)
@@ -453,6 +461,22 @@ def _mask(inputs: dict[str, Any]) -> torch.Tensor:
     return torch.ones_like(inputs["input_ids"]) if mask is None else mask
 
 
+def _connector_with(cls, model, processor, options: dict[str, str]) -> Connector:
+    import inspect
+
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model", "processor")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise StrategyError(f"connector {cls.name!r} has no option {', '.join(unknown)}; options: "
+                            f"{', '.join(accepted) or 'none'}")
+    try:
+        return cls(model, processor, **options)
+    except ValueError as e:  # the connector's own check of an option's value
+        raise StrategyError(f"connector {cls.name!r}: {e}") from None
+
+
 def wrap(model, processor=None, spec=None, *, connector: str | None = None) -> VLMWrapper:
-    """Wrap a transformers VLM with a strategy spec ("fastervlm:keep=64", a YAML path, a preset, or Strategy objects)."""
+    """Wrap a transformers VLM with a strategy spec ("fastervlm:keep=64", a YAML path, a preset, or Strategy objects).
+    connector: a connector name, optionally with options ("llava-next:budget=per_image", or ":budget=per_image" to
+    keep the automatic choice)."""
     return VLMWrapper(model, processor, spec, connector=connector)

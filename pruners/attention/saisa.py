@@ -116,6 +116,10 @@ class SAISA(AttentionStrategy):
         return load_projectors(self.weights)
 
     def check_applicable(self, connector) -> None:
+        if not connector.splices_in_unit_order:
+            raise NotApplicableError(f"saisa: the {connector.name} connector re-arranges the visual tokens it splices "
+                                     "(e.g. LLaVA-NeXT's crops interleave row by row), and the SAISA layer pairs raw "
+                                     "vision features with visual positions in unit order")
         if connector.rope != "1d":
             raise NotApplicableError(f"saisa: the {connector.name} connector uses M-RoPE position ids; the SAISA "
                                      "layer is implemented for 1-D RoPE decoders (LLaVA, the reference model)")

@@ -29,6 +29,8 @@ sample, from that layer's post-RoPE q, k and v (kv heads repeated):
   rel = softmax over the visual keys of q_last . k_j / sqrt(hd), sem = softmax over the visual values of
   v_last . v_j / sqrt(hd), each mean over heads; dens = L1 norm of the head-averaged v_j; score = (rel + sem) dens;
 the top T visual tokens stay (sequence order, original positions), the others are removed for all later layers.
+On a connector that cannot prune inside its encoder (`runs_vision_stage` False: LLaVA-NeXT) `flowcut` IS its LLM stage
+(the reference for LLaVA-NeXT also prunes every view to T/2 inside the encoder first; not done there).
 """
 
 from __future__ import annotations
@@ -100,6 +102,12 @@ class FlowCut(TokenReducer, Budget):
         self._check_budget(self.name)
 
     def expand(self, connector) -> list:
+        if not connector.runs_vision_stage:  # the encoder cannot be pruned from inside: the LLM stage alone
+            if self.llm_stage is False:
+                raise NotApplicableError(
+                    f"flowcut:llm_stage=false: the {connector.name} connector cannot prune inside its vision encoder, "
+                    "so FlowCut's LLM stage is the only one that runs there; drop llm_stage=false")
+            return [FlowCutLLM(keep=self.keep, ratio=self.ratio, positions=self.positions)]
         on = connector.name.startswith("qwen") if self.llm_stage is None else self.llm_stage
         if not on:
             return [self]
@@ -108,8 +116,8 @@ class FlowCut(TokenReducer, Budget):
         return [encoder, FlowCutLLM(keep=self.keep, ratio=self.ratio, positions=self.positions)]
 
     def check_applicable(self, connector) -> None:
-        if connector.name.startswith("qwen"):
-            return  # the global-token variant
+        if connector.name.startswith("qwen") or not connector.runs_vision_stage:
+            return  # the global-token variant; or the LLM stage alone, which needs no [CLS]
         if not connector.has_cls:
             raise NotApplicableError(f"flowcut needs a [CLS] token; the {connector.name} vision tower has none")
 
