@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -194,32 +195,69 @@ def load_synthetic_chair(num_images: int = 100, start: int = CHAIR_SEED_START) -
     return out
 
 
+def _read_json(path: Path, option: str):
+    """The JSON in `path`, or a ValueError naming the option, the file and (for bad JSON) the line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot be read ({e.strerror})") from None
+    if not data.strip():
+        raise ValueError(f"{option} {path}: the file is empty")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{option} {path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{option} {path}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+
+
+def _inside(folder: Path, name: str, source: Path) -> str:
+    """`folder / name`, refusing a file name that leaves the folder (absolute, or '..' above it)."""
+    base = os.path.normpath(folder)
+    full = os.path.normpath(os.path.join(base, name))
+    if os.path.isabs(name) or not full.startswith(base.rstrip(os.sep) + os.sep):
+        raise ValueError(f"--data {source}: image file_name {name!r} is outside the image folder {folder} (a data "
+                         "file may only name files inside it)")
+    return str(folder / name)
+
+
 def load_coco_chair(instances: str | Path, image_dir: str | Path | None, captions: str | Path | None = None,
-                    num_images: int = 500, seed: int = 0) -> list[ChairSample]:
-    """COCO images with their instance categories (plus the categories their human captions mention)."""
+                    num_images: int = 500, seed: int = 0, *, check_images: bool = True) -> list[ChairSample]:
+    """COCO images with their instance categories (plus the categories their human captions mention). Errors name
+    the file (and line); with `image_dir`, file names must stay inside it and (`check_images`) the chosen images
+    must exist: a missing one fails here, not after the model has loaded."""
     path = Path(instances)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: not a file; give COCO's instances_val2014.json")
+    data = _read_json(path, "--data")
     try:
-        data = json.loads(path.read_text())
         names = {c["id"]: c["name"] for c in data["categories"]}
         files = {im["id"]: im["file_name"] for im in data["images"]}
         objects: dict[int, set[str]] = {i: set() for i in files}
         for ann in data["annotations"]:
             objects.setdefault(ann["image_id"], set()).add(names[ann["category_id"]])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ValueError(f"--data {path}: not a COCO instances file ({type(e).__name__}: {e})") from None
+    if not files:
+        raise ValueError(f"--data {path}: lists no images")
     if captions is not None:
         vocab = ObjectVocabulary.coco()
         try:
-            for ann in json.loads(Path(captions).read_text())["annotations"]:
+            for ann in _read_json(Path(captions), "--captions")["annotations"]:
                 if ann["image_id"] in objects:
                     objects[ann["image_id"]].update(vocab.mentions(ann["caption"]))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except (KeyError, TypeError) as e:
             raise ValueError(f"--captions {captions}: not a COCO captions file ({type(e).__name__}: {e})") from None
     ids = sorted(files)
     random.Random(seed).shuffle(ids)
     chosen = sorted(ids[:num_images])
     folder = Path(image_dir) if image_dir is not None else None
-    return [ChairSample(question_id=str(i), image=str(folder / files[i]) if folder else files[i],
-                        image_id=Path(files[i]).stem, objects=objects[i]) for i in chosen]
+    samples = [ChairSample(question_id=str(i), image=_inside(folder, files[i], path) if folder else files[i],
+                           image_id=Path(files[i]).stem, objects=objects[i]) for i in chosen]
+    if folder is not None and check_images:
+        missing = [s.image for s in samples if not Path(s.image).is_file()]
+        if missing:
+            raise FileNotFoundError(f"--image-dir {folder}: {len(missing)} of the {len(samples)} chosen images are "
+                                    f"missing (first: {missing[0]})")
+    return samples

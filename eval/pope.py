@@ -35,6 +35,7 @@ Arrow) of a malformed record.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -103,9 +104,19 @@ class PopeSample:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(1-based line number, object) for each non-blank line; errors name the file and the line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
+    """(1-based line number, object) for each non-blank line; errors name the file and the line (bytes that are
+    not UTF-8 included); an unreadable file is a PopeFormatError naming it."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise PopeFormatError(path, None, f"cannot be read ({e.strerror})") from None
+    with f:
+        for lineno, data in enumerate(f, 1):
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PopeFormatError(path, lineno, f"not UTF-8 text (byte 0x{data[e.start]:02x} at column "
+                                                    f"{e.start + 1}); is this a JSON Lines file?") from None
             if not raw.strip():
                 continue
             try:
@@ -115,6 +126,23 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise PopeFormatError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+def _check_not_empty(path: Path, count: int, what: str = "POPE questions") -> None:
+    if count == 0:
+        raise PopeFormatError(path, None, f"no {what}: the file is empty" if path.stat().st_size == 0
+                              else f"no {what}: the file holds only blank lines")
+
+
+def _image_path(path: Path, lineno: int, image_dir: str | Path, name: str, unit: str = "line") -> str:
+    """`image_dir / name`, refusing a name that leaves the folder (absolute, or '..' above it): a data file may
+    only name images inside the folder it was given with (checked on the text: symlinks inside it are fine)."""
+    folder = os.path.normpath(image_dir)
+    full = os.path.normpath(os.path.join(folder, name))
+    if os.path.isabs(name) or not full.startswith(folder.rstrip(os.sep) + os.sep):
+        raise PopeFormatError(path, lineno, f"image {name!r} is outside the image folder {image_dir} (a data file "
+                                            "may only name files inside it)", unit)
+    return str(Path(image_dir) / name)
 
 
 def _get(path: Path, lineno: int, obj: Mapping, key: str, unit: str = "line") -> Any:
@@ -211,7 +239,8 @@ def load_official(
     if split is None:
         split = _infer_split(path)
         if split is None:
-            raise ValueError(f"cannot tell the POPE split from the file name {path.name!r}: pass split=")
+            raise ValueError(f"cannot tell the POPE split from the file name {path.name!r}: pass split= "
+                             "(vlmeff eval: --split <name>)")
     samples: list[PopeSample] = []
     lines: list[int] = []
     seen: dict = {}
@@ -221,9 +250,10 @@ def load_official(
         text = _as_str(path, lineno, "text", _get(path, lineno, obj, "text"))
         label = _as_label(path, lineno, _get(path, lineno, obj, "label"))
         _check_unique(path, lineno, seen, split, qid)
-        image = str(Path(image_dir) / image_name) if image_dir is not None else image_name
+        image = _image_path(path, lineno, image_dir, image_name) if image_dir is not None else image_name
         samples.append(PopeSample(qid, image, _image_id(image_name), _strip_suffix(text), label, split))
         lines.append(lineno)
+    _check_not_empty(path, len(samples))
     if check_images and image_dir is not None:
         _check_images(path, samples, lines, image_dir)
     return samples
@@ -255,6 +285,7 @@ def _labels_from_file(path: Path) -> dict[str, str]:
         if qid in out:
             raise PopeFormatError(path, lineno, f"duplicate question_id {qid!r}")
         out[qid] = label
+    _check_not_empty(path, len(out), "labels")
     return out
 
 
@@ -344,6 +375,7 @@ def load_llava_single_file(
                 "label": label,
             }
         )
+    _check_not_empty(qpath, len(rows))
 
     unlabeled = [r for r in rows if r["label"] is None]
     if unlabeled:
@@ -375,7 +407,8 @@ def load_llava_single_file(
 
     samples: list[PopeSample] = []
     for r, lab in zip(rows, labels):
-        image = str(Path(image_dir) / r["image_name"]) if image_dir is not None else r["image_name"]
+        image = (_image_path(qpath, r["lineno"], image_dir, r["image_name"]) if image_dir is not None
+                 else r["image_name"])
         samples.append(
             PopeSample(
                 r["qid"], image, _image_id(r["image_name"]), r["text"], lab, r["category"], r["category"]
@@ -485,7 +518,7 @@ def load_lmms_eval(path: str | Path) -> list[PopeSample]:
     pa = _import_pyarrow()
     root = Path(path)
     if not root.exists():
-        raise FileNotFoundError(root)
+        raise FileNotFoundError(f"POPE data {root}: no such file or folder")
     samples: list[PopeSample] = []
     seen: dict = {}
     for f, kind, container_split in _lmms_sources(root):
@@ -510,6 +543,8 @@ def load_lmms_eval(path: str | Path) -> list[PopeSample]:
                 samples.append(
                     _lmms_sample(f, rowno, row, qid_col, q_col, a_col, img_col, container_split, seen)
                 )
+        if rowno == 0:
+            raise PopeFormatError(f, None, "no rows (an empty table)")
     return samples
 
 
@@ -570,19 +605,13 @@ def detect_format(source: str | Path) -> str:
     """
     p = Path(source)
     if not p.exists():
-        raise FileNotFoundError(p)
+        raise FileNotFoundError(f"POPE data {p}: no such file or folder")
     if p.is_file():
         if p.suffix.lower() in (".parquet", ".arrow"):
             return "lmms-eval"
-        with open(p, encoding="utf-8") as f:
-            for raw in f:
-                if raw.strip():
-                    try:
-                        first = json.loads(raw)
-                    except json.JSONDecodeError:
-                        return "official"  # the loader reports the bad line
-                    return "llava-single" if isinstance(first, dict) and "category" in first else "official"
-        return "official"
+        for _, first in _iter_jsonl(p):  # a bad first line is reported here, with the file and the line
+            return "llava-single" if "category" in first else "official"
+        return "official"  # empty: the loader says so
     if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file() or any(p.glob("*.arrow")):
         return "lmms-eval"
     if _official_files(p):
@@ -629,7 +658,8 @@ def load_pope(
         if name is None and isinstance(split, str):
             name = split
         if name is None:
-            raise ValueError(f"cannot tell the POPE split from the file name {p.name!r}: pass split='<name>'")
+            raise ValueError(f"cannot tell the POPE split from the file name {p.name!r}: pass split='<name>' "
+                             "(vlmeff eval: --split <name>)")
         samples = load_official(p, image_dir, name, check_images=check_images)
     if wanted is not None:
         present = sorted({s.split for s in samples})

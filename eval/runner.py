@@ -9,6 +9,7 @@ command, seed, package versions).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -30,6 +31,7 @@ from vlmeff.eval.intervals import bootstrap_interval, wilson_interval
 from vlmeff.eval.metrics import pope_summary
 from vlmeff.eval.parsers import PARSERS
 from vlmeff.eval.pope import LLAVA_PROMPT_SUFFIX, PopeSample
+from vlmeff.eval.runfolder import RunFolder
 from vlmeff.images import load_image
 from vlmeff.registry import STRATEGIES
 from vlmeff.spec import build_items, describe, parse_spec, preset_names, spec_items
@@ -81,6 +83,7 @@ def short_label(spec: str, budgets: bool = False) -> str:
 
 # Reserved spec: the same questions WITHOUT the image (text-only prompt): measures the language prior.
 BLIND = "blind"
+METRIC_NAMES = {"f1": "F1", "accuracy": "accuracy", "precision": "precision", "recall": "recall", "yes_ratio": "yes %"}
 
 
 def safe_name(spec: str) -> str:
@@ -102,24 +105,28 @@ class SampleResult:
 
 
 def read_done(path: Path) -> dict[str, dict]:
-    """Completed records of a samples file; a torn last line (interrupted write) is removed from the file."""
+    """Completed records of a samples file; a torn last line (interrupted write) is removed from the file. Any
+    other bad line (not JSON, not UTF-8, not a sample record) is a ValueError naming the file and the line."""
     if not path.is_file():
         return {}
     done, good = {}, []
-    lines = path.read_text().splitlines(keepends=True)
+    lines = path.read_bytes().splitlines(keepends=True)
     for i, line in enumerate(lines):
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             if i == len(lines) - 1:
                 break  # torn write at the end: drop it and redo that sample
             raise ValueError(f"{path}, line {i + 1}: not valid JSON; delete the file or fix the line") from None
-        if not line.endswith("\n"):
+        if not line.endswith(b"\n"):
             break
-        done[rec["question_id"] + "|" + rec["split"]] = rec
+        if not isinstance(rec, dict) or "question_id" not in rec or "split" not in rec:
+            raise ValueError(f"{path}, line {i + 1}: not a vlmeff sample record (it needs question_id and split); "
+                             "delete the file or fix the line")
+        done[f"{rec['question_id']}|{rec['split']}"] = rec
         good.append(line)
     if len(good) != len(lines):
-        path.write_text("".join(good))
+        path.write_bytes(b"".join(good))
     return done
 
 
@@ -371,7 +378,7 @@ def plot(summary: dict, path: Path, metric: str = "f1", title: str | None = None
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
     ax.set_xlabel("visual tokens per image (layer-averaged inside the LLM)")
-    ax.set_ylabel(f"POPE mean {metric} (%), 95% bootstrap CI")
+    ax.set_ylabel(f"POPE mean {METRIC_NAMES.get(metric, metric)} (%), 95% bootstrap CI")
     if title:
         ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     ax.grid(alpha=0.3)
@@ -393,8 +400,8 @@ def environment(argv: Sequence[str], seed: int) -> dict:
 
 
 def default_image_loader(sample: PopeSample) -> Image.Image:
-    if sample.image_bytes is not None:
-        return load_image(Image.open(io.BytesIO(sample.image_bytes)))
+    if getattr(sample, "image_bytes", None) is not None:  # POPE from lmms-eval; CHAIR samples have files only
+        return load_image(sample.image_bytes, name=f"embedded in question {sample.question_id}")
     if sample.image is None:
         raise ValueError(f"question {sample.question_id}: no image")
     return load_image(sample.image)
@@ -410,30 +417,134 @@ def load_eval_model(args):
     return model, processor, name
 
 
-def start_run(args):
-    """(output folder, model, processor, model name) of a `vlmeff eval` run: refuses a non-empty folder without
-    --resume, seeds torch, loads the model."""
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.resume:
-        raise FileExistsError(f"output folder {output} is not empty: pass --resume to continue it, or a new --output")
-    torch.manual_seed(args.seed)
-    return (output, *load_eval_model(args))
+class EvalOptionError(ValueError):
+    """A `vlmeff eval` option, or a combination of options, that cannot run: the message names the option, its value
+    and what is accepted. Raised before the model loads."""
+
+
+def _option(option: str, value, ok: bool, accepted: str) -> None:
+    if not ok:
+        raise EvalOptionError(f"{option}={value!r}: expected {accepted}")
+
+
+def check_eval_args(args, benchmark: str) -> str:
+    """Every check of `vlmeff eval`'s options that needs no model and no data (numbers, combinations, paths, dtype,
+    device), so that a mistake costs no model load; returns the model name ("reference" by default)."""
+    import math
+
+    from vlmeff.loading import DTYPES, REFERENCE, resolve_device
+
+    chair = benchmark == "chair"
+    _option("--limit", args.limit, args.limit is None or args.limit >= 1,
+            "an integer >= 1 (images)" if chair else "an integer >= 1 (questions per split; --full: all of them)")
+    _option("--batch-size", args.batch_size, args.batch_size >= 1, "an integer >= 1")
+    _option("--max-new-tokens", args.max_new_tokens, args.max_new_tokens is None or args.max_new_tokens >= 1,
+            "an integer >= 1")
+    if args.sample:
+        _option("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature > 0,
+                "a finite number > 0")
+        _option("--top-p", args.top_p, 0 < args.top_p <= 1, "a number in (0, 1]")
+        _option("--top-k", args.top_k, args.top_k >= 0, "an integer >= 0 (0: off)")
+    else:
+        for option, value, default in (("--temperature", args.temperature, 1.0), ("--top-p", args.top_p, 1.0),
+                                        ("--top-k", args.top_k, 0)):
+            if value != default:
+                raise EvalOptionError(f"{option}={value!r} applies only with --sample (greedy decoding ignores it)")
+    _option("--dtype", args.dtype, args.dtype in DTYPES, ", ".join(DTYPES))
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        raise EvalOptionError(f"--{e}") from None
+    for option, value in (("--data", args.data), ("--image-dir", args.image_dir), ("--captions", args.captions)):
+        if value is not None and not Path(value).exists():
+            raise FileNotFoundError(f"{option} {value}: no such file or folder")
+    if args.image_dir is not None and not Path(args.image_dir).is_dir():
+        raise EvalOptionError(f"--image-dir {args.image_dir} is a file; give the folder that holds the images")
+    if args.image_dir is not None and not args.data:
+        raise EvalOptionError("--image-dir needs --data (the synthetic benchmark renders its own images)")
+    if chair:
+        for option, given in (("--split", args.split is not None), ("--full", args.full)):
+            if given:
+                raise EvalOptionError(f"{option} is a POPE option; chair takes --limit <images>")
+        if args.captions is not None and not args.data:
+            raise EvalOptionError("--captions needs --data (COCO's instances_val2014.json)")
+        if args.data and args.image_dir is None:
+            raise EvalOptionError(f"--data {args.data} needs --image-dir (the COCO val2014 folder of its images)")
+    else:
+        if args.full and args.limit is not None:
+            raise EvalOptionError(f"--full and --limit={args.limit} contradict each other; give one of them")
+        for option, value in (("--prompt", args.prompt), ("--captions", args.captions)):
+            if value is not None:
+                raise EvalOptionError(f"{option} is a chair option; POPE asks the questions of its data")
+    return args.model or REFERENCE
+
+
+def eval_splits(args, present: Sequence[str]) -> list[str]:
+    """The --split names (default: every split `present`), each checked against the splits `present`."""
+    if args.split is None:
+        return list(present)
+    names = [x.strip() for x in args.split.split(",")]
+    _option("--split", args.split, all(names), "comma-separated split names, e.g. random,popular")
+    unknown = [x for x in dict.fromkeys(names) if x not in present]
+    if unknown:
+        where = f"--data {args.data}" if args.data else "the synthetic benchmark"
+        raise EvalOptionError(f"--split {', '.join(unknown)}: not a split of {where} (splits: {', '.join(present)})")
+    return list(dict.fromkeys(names))
 
 
 def run_budgets(args, model_name: str) -> list[int]:
     """--budgets, or the default: 128,64,32 on the 256-token reference model, 192,128,64 otherwise."""
     default_budgets = "128,64,32" if model_name == "reference" else "192,128,64"
-    return [int(b) for b in (args.budgets or default_budgets).split(",")]
+    try:
+        budgets = [int(b) for b in (args.budgets or default_budgets).split(",")]
+    except ValueError:
+        budgets = []
+    _option("--budgets", args.budgets, bool(budgets) and min(budgets) >= 1,
+            "comma-separated integers >= 1 (kept visual tokens per image), e.g. 128,64,32")
+    return budgets
 
 
 def run_specs(args, model_name: str, default: list[str], baselines: Sequence[str] = ("vanilla",)) -> list[str]:
     """The baselines (vanilla; for POPE also blind), then every --strategy (or `default`) once per budget where it
-    takes one (`run_budgets`), without repeats."""
+    takes one (`run_budgets`), without repeats. Every spec is parsed and its composition checked here, before the
+    model loads: a typo or an impossible combination fails at once, not after the specs before it ran."""
+    from vlmeff.spec import build_pipeline
+
     budgets = run_budgets(args, model_name)
     specs = list(baselines)
     for spec in args.strategy or default:
         specs += [s for s in budgeted(spec, budgets) if s not in specs]
+    for spec in specs:
+        if spec != BLIND:
+            build_pipeline(parse_spec(spec))
     return specs
+
+
+def check_specs_apply(model, processor, specs: Sequence[str]) -> None:
+    """Wrap the loaded model once with every spec (and unwrap it): a strategy that cannot run on this model (e.g.
+    one that needs a [CLS] token) fails before the first question, not after hours of other specs."""
+    import vlmeff
+
+    for spec in specs:
+        if spec not in ("vanilla", BLIND):
+            vlmeff.wrap(model, processor, spec).unwrap()
+
+
+def eval_settings(args, benchmark: str, model_name: str, **extra) -> dict:
+    """What decides the answers of a run, recorded in run.json and compared on --resume (`RunFolder`): benchmark,
+    model, data files (absolute paths), dtype, decoding, seed and batch size (batching pads rows, and sampling is
+    seeded per batch), plus the benchmark's own (`extra`: splits, limit, parser, prompt, max new tokens). The
+    strategies are not among them: each spec has its own samples file, so a resume may add or drop specs; nor is
+    the device (it changes round-off, not the configuration)."""
+    from vlmeff.loading import REFERENCE
+
+    def where(value):
+        return None if value is None else str(Path(value).resolve()) if Path(value).exists() else str(value)
+
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    return {"benchmark": benchmark, "model": model_name if model_name == REFERENCE else where(model_name),
+            "data": where(args.data), "image_dir": where(args.image_dir), "dtype": aliases.get(args.dtype, args.dtype),
+            "generation": generation_kwargs(args), "seed": args.seed, "batch_size": args.batch_size, **extra}
 
 
 def generation_kwargs(args) -> dict:
@@ -451,20 +562,42 @@ def decoding_label(generation: dict) -> str:
             f"top-k {generation['top_k'] or 'off'})")
 
 
-def run_pope_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
-    """`vlmeff eval --benchmark pope`: load model and data, run every strategy spec, write the reports."""
-    from vlmeff.eval.pope import load_pope, load_synthetic, synthetic_image
+@contextlib.contextmanager
+def start_run(args, settings: dict, specs: Sequence[str]):
+    """The run of `vlmeff eval` once every option, spec and data file was checked: locks the run folder (on
+    --resume, refusing settings that differ from the recorded ones; `RunFolder`), checks its samples files, seeds
+    torch, loads the model and checks that every spec applies to it. Yields (run folder, model, processor, model
+    name); the lock is held until the block ends, however it ends."""
+    with RunFolder(args.output, resume=args.resume, settings=settings) as folder:
+        for samples_file in sorted((folder.path / "samples").glob("*.jsonl")):
+            read_done(samples_file)  # a damaged record fails now, before the model loads or run.json is rewritten
+        torch.manual_seed(args.seed)
+        model, processor, model_name = load_eval_model(args)
+        check_specs_apply(model, processor, specs)
+        yield folder, model, processor, model_name
 
-    output, model, processor, model_name = start_run(args)
-    splits = args.split.split(",") if args.split else ["random", "popular", "adversarial"]
+
+def pope_samples(args) -> tuple[list[PopeSample], Callable, list[str]]:
+    """(questions, image loader, splits) of a POPE run: --data (checked: formats, splits, image files) or the
+    synthetic benchmark, at most --limit questions per split (default 60; --full: all)."""
+    from vlmeff.eval.pope import POPE_SPLITS, load_pope, load_synthetic, synthetic_image
+
     if args.data:
-        samples = load_pope(args.data, splits, image_dir=args.image_dir)
+        one = args.split.strip() if args.split and "," not in args.split else None  # also names a file's split
+        samples = load_pope(args.data, one, image_dir=args.image_dir)
+        splits = eval_splits(args, present=list(dict.fromkeys(s.split for s in samples)))
+        samples = [s for s in samples if s.split in splits]
+        named = next((s for s in samples if s.image_bytes is None and s.image is not None), None)
+        if args.image_dir is None and named is not None and not Path(named.image).is_file():
+            raise EvalOptionError(f"--data {args.data} names image files (first: {named.image}) but no --image-dir "
+                                  "was given; pass the folder that holds them (COCO val2014)")
         loader = default_image_loader
     else:
+        splits = eval_splits(args, present=POPE_SPLITS)
         samples = [s for s in load_synthetic() if s.split in splits]
         loader = synthetic_image
-    limit = 60 if args.limit is None else args.limit
-    if not args.full and limit:
+    limit = None if args.full else 60 if args.limit is None else args.limit
+    if limit is not None:
         per_split: dict[str, int] = defaultdict(int)
         kept_samples = []
         for s in samples:
@@ -472,25 +605,38 @@ def run_pope_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
                 per_split[s.split] += 1
                 kept_samples.append(s)
         samples = kept_samples
+    return samples, loader, splits
+
+
+def run_pope_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
+    """`vlmeff eval --benchmark pope`: check options, specs and data, then load the model, run every strategy spec
+    in the locked run folder, and write the reports."""
+    model_name = check_eval_args(args, "pope")
     # blind (no image) runs by default: the language prior every POPE number should be read against
     specs = run_specs(args, model_name, default=["fastervlm"], baselines=("vanilla", BLIND))
-    output.mkdir(parents=True, exist_ok=True)
-    env = environment(argv, args.seed)
-    env.update({"model": model_name, "data": args.data or "synthetic-pope", "splits": splits,
-                "questions_per_split": {s: sum(1 for x in samples if x.split == s) for s in splits},
-                "strategies": specs, "parser": args.parser, "batch_size": args.batch_size,
-                "dtype": str(model.dtype), "generation": generation_kwargs(args)})
-    (output / "run.json").write_text(json.dumps(env, indent=1))
-    runner = PopeRunner(model, processor, samples, output, image_loader=loader, batch_size=args.batch_size,
-                        max_new_tokens=args.max_new_tokens or 8, generation=generation_kwargs(args), seed=args.seed)
-    t0 = time.time()
-    results = {spec: runner.run(spec) for spec in specs}
-    summary = summarize(results, args.parser)
-    title = (f"POPE ({args.data or 'synthetic world'}, splits {', '.join(splits)}) on {model_name}, "
-             f"{decoding_label(generation_kwargs(args))}, ")
-    paths = write_reports(output, summary, args.parser, title_prefix=title, budgets=run_budgets(args, model_name))
-    env["wall_s"] = round(time.time() - t0, 1)
-    (output / "run.json").write_text(json.dumps(env, indent=1))
+    samples, loader, splits = pope_samples(args)
+    generation = generation_kwargs(args)
+    max_new = args.max_new_tokens or 8
+    settings = eval_settings(args, "pope", model_name, splits=splits, limit=None if args.full else args.limit or 60,
+                             parser=args.parser, max_new_tokens=max_new)
+    with start_run(args, settings, specs) as (folder, model, processor, model_name):
+        output = folder.path
+        env = environment(argv, args.seed)
+        env.update({"model": model_name, "data": args.data or "synthetic-pope", "splits": splits,
+                    "questions_per_split": {s: sum(1 for x in samples if x.split == s) for s in splits},
+                    "strategies": specs, "parser": args.parser, "batch_size": args.batch_size,
+                    "dtype": str(model.dtype), "generation": generation})
+        folder.write_run_json(env)
+        runner = PopeRunner(model, processor, samples, output, image_loader=loader, batch_size=args.batch_size,
+                            max_new_tokens=max_new, generation=generation, seed=args.seed)
+        t0 = time.time()
+        results = {spec: runner.run(spec) for spec in specs}
+        summary = summarize(results, args.parser)
+        title = (f"POPE ({args.data or 'synthetic world'}, splits {', '.join(splits)}) on {model_name}, "
+                 f"{decoding_label(generation)}, ")
+        paths = write_reports(output, summary, args.parser, title_prefix=title, budgets=run_budgets(args, model_name))
+        env["wall_s"] = round(time.time() - t0, 1)
+        folder.write_run_json(env)
     print((output / "table.md").read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return paths
@@ -571,7 +717,8 @@ def plot_chair(summary: dict, path: Path, title: str) -> None:
 
 
 def run_chair_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
-    """`vlmeff eval --benchmark chair`: caption held-out synthetic scenes (reference model) or COCO images."""
+    """`vlmeff eval --benchmark chair`: caption held-out synthetic scenes (reference model) or COCO images. Options,
+    specs and data are checked before the model loads; the run folder is locked while the run lasts."""
     from vlmeff.eval.chair import (
         COCO_MAX_NEW_TOKENS,
         COCO_PROMPT,
@@ -583,36 +730,40 @@ def run_chair_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
     )
     from vlmeff.eval.pope import synthetic_image
 
-    output, model, processor, model_name = start_run(args)
+    model_name = check_eval_args(args, "chair")
+    specs = run_specs(args, model_name, default=[])
     if args.data:
-        samples = load_coco_chair(args.data, args.image_dir, args.captions, num_images=args.limit or 500,
-                                  seed=args.seed)
+        limit = args.limit or 500
+        samples = load_coco_chair(args.data, args.image_dir, args.captions, num_images=limit, seed=args.seed)
         vocab, loader = ObjectVocabulary.coco(), default_image_loader
         prompt, max_new = args.prompt or COCO_PROMPT, args.max_new_tokens or COCO_MAX_NEW_TOKENS
     else:
-        samples = load_synthetic_chair(args.limit or 100)
+        limit = args.limit or 100
+        samples = load_synthetic_chair(limit)
         vocab, loader = ObjectVocabulary.reference(), synthetic_image
         prompt, max_new = args.prompt or REFERENCE_PROMPT, args.max_new_tokens or REFERENCE_MAX_NEW_TOKENS
-    specs = run_specs(args, model_name, default=[])
     generation = generation_kwargs(args)
-    setting = (f"CHAIR on {'COCO val2014' if args.data else 'held-out synthetic scenes'}, {len(samples)} images, "
-               f"model {model_name}, prompt {prompt!r}, max new tokens {max_new}, {decoding_label(generation)}")
-    output.mkdir(parents=True, exist_ok=True)
-    env = environment(argv, args.seed)
-    env.update({"model": model_name, "data": args.data or "synthetic-chair", "images": len(samples),
-                "prompt": prompt, "max_new_tokens": max_new, "strategies": specs, "batch_size": args.batch_size,
-                "dtype": str(model.dtype), "generation": generation})
-    (output / "run.json").write_text(json.dumps(env, indent=1))
-    runner = ChairRunner(model, processor, samples, output, image_loader=loader, batch_size=args.batch_size,
-                         max_new_tokens=max_new, generation=generation, seed=args.seed, prompt_text=prompt)
-    t0 = time.time()
-    results = {spec: runner.run(spec) for spec in specs}
-    summary = summarize_chair(results, samples, vocab)
-    (output / "summary.json").write_text(json.dumps(summary, indent=1))
-    (output / "table.md").write_text(chair_table(summary, setting))
-    plot_chair(summary, output / "chair.png", setting)
-    env["wall_s"] = round(time.time() - t0, 1)
-    (output / "run.json").write_text(json.dumps(env, indent=1))
+    settings = eval_settings(args, "chair", model_name, captions=args.captions and str(Path(args.captions).resolve()),
+                             limit=limit, prompt=prompt, max_new_tokens=max_new)
+    with start_run(args, settings, specs) as (folder, model, processor, model_name):
+        output = folder.path
+        setting = (f"CHAIR on {'COCO val2014' if args.data else 'held-out synthetic scenes'}, {len(samples)} images, "
+                   f"model {model_name}, prompt {prompt!r}, max new tokens {max_new}, {decoding_label(generation)}")
+        env = environment(argv, args.seed)
+        env.update({"model": model_name, "data": args.data or "synthetic-chair", "images": len(samples),
+                    "prompt": prompt, "max_new_tokens": max_new, "strategies": specs, "batch_size": args.batch_size,
+                    "dtype": str(model.dtype), "generation": generation})
+        folder.write_run_json(env)
+        runner = ChairRunner(model, processor, samples, output, image_loader=loader, batch_size=args.batch_size,
+                             max_new_tokens=max_new, generation=generation, seed=args.seed, prompt_text=prompt)
+        t0 = time.time()
+        results = {spec: runner.run(spec) for spec in specs}
+        summary = summarize_chair(results, samples, vocab)
+        (output / "summary.json").write_text(json.dumps(summary, indent=1))
+        (output / "table.md").write_text(chair_table(summary, setting))
+        plot_chair(summary, output / "chair.png", setting)
+        env["wall_s"] = round(time.time() - t0, 1)
+        folder.write_run_json(env)
     print((output / "table.md").read_text())
     print(f"wrote {output / 'summary.json'}, {output / 'table.md'}, {output / 'chair.png'}")
     return {"summary": output / "summary.json", "table": output / "table.md", "plot": output / "chair.png"}

@@ -47,6 +47,8 @@ def test_coco_loader_merges_instances_and_caption_mentions(tmp_path):
     captions = {"annotations": [{"image_id": 5, "caption": "A puppy on a sofa."}]}
     (tmp_path / "inst.json").write_text(json.dumps(instances))
     (tmp_path / "caps.json").write_text(json.dumps(captions))
+    for image in instances["images"]:  # the loader checks that the chosen image files exist
+        (tmp_path / image["file_name"]).touch()
     samples = load_coco_chair(tmp_path / "inst.json", tmp_path, tmp_path / "caps.json", num_images=10)
     assert [s.question_id for s in samples] == ["5", "7"]
     assert samples[0].objects == {"dog", "couch"} and samples[1].objects == {"person"}

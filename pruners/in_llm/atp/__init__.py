@@ -41,6 +41,16 @@ def _floats(text: str | None, name: str, default: tuple) -> tuple:
         raise StrategyError(f"atp.{name}={text!r}: expected numbers separated by '/' (e.g. 0.95/0.9/0.85/0.8)") from None
 
 
+def _ints(text: str | None, name: str, default: tuple) -> tuple:
+    """Whole numbers separated by '/' (layers, strides): "2.5" or "inf" is an error, not silently 2 or a crash."""
+    if text is None:
+        return default
+    try:
+        return tuple(int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise StrategyError(f"atp.{name}={text!r}: expected whole numbers separated by '/' (e.g. 2/6/12/18)") from None
+
+
 @dataclass
 class ATPScores(LLMPruner):
     """What both ATP variants share: the ATP points and the raw redundancy scores of every sample's visual tokens.
@@ -55,7 +65,7 @@ class ATPScores(LLMPruner):
 
     def __post_init__(self):
         LLMPruner.__post_init__(self)
-        self._points = None if self.points is None else tuple(int(p) for p in _floats(self.points, "points", ()))
+        self._points = None if self.points is None else _ints(self.points, "points", ())
 
     def point_count(self) -> int:
         return len(self._points) if self._points is not None else len(PUBLISHED_POINTS)
@@ -117,6 +127,7 @@ class ATP(ATPScores):
     experimental = True
     shift_range = (-1.0, 0.05)  # bisection bounds of `calibrate`
     budget_params = ("shift",)  # what `calibrate` tunes to a budget; mass, strides, k_min / k_max define the variant
+    param_ranges = {"shift": "[-1, 1]"}  # added to masses in (0, 1] and clamped: beyond +-1 nothing changes
 
     mass: str | None = None
     strides: str | None = None
@@ -127,7 +138,7 @@ class ATP(ATPScores):
     def __post_init__(self):
         ATPScores.__post_init__(self)
         self._mass = _floats(self.mass, "mass", PUBLISHED_MASS)
-        self._strides = tuple(int(s) for s in _floats(self.strides, "strides", PUBLISHED_STRIDES))
+        self._strides = _ints(self.strides, "strides", PUBLISHED_STRIDES)
         count = self.point_count()
         if len(self._mass) != count or len(self._strides) != count:
             raise StrategyError(f"atp: {count} points need {count} mass values and {count} strides "
