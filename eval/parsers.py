@@ -10,6 +10,12 @@ report the parser's name next to POPE results (docs/methods.md, "6. Benchmarks")
 * ``"lmms-eval"`` - lmms-eval ``lmms_eval/tasks/pope/utils.py`` (exact match, strict).
 * ``"substring"`` - a label-free version of the substring test of VCD / DAMRO ``eval_pope.py``.
 
+A parser's name covers its source's aggregation too: :data:`METRIC_OPTIONS` holds, per parser, the
+keyword arguments of :func:`vlmeff.eval.metrics.binary_metrics` / ``pope_summary`` that reproduce how that
+source turns parsed answers into precision, recall and yes-ratio. Only lmms-eval differs from the defaults
+(``"other"`` answers left out of recall, yes-ratio over the labels); vlmeff's own prediction yes-ratio is
+``pred_yes_ratio`` under every parser.
+
 The VCD / DAMRO scripts decide *given the ground-truth label*; :func:`substring_vcd` reproduces that
 label-conditioned rule exactly, for when their numbers must be matched to the digit.
 """
@@ -25,6 +31,8 @@ __all__ = [
     "parse_lmms_eval",
     "parse_substring",
     "substring_vcd",
+    "METRIC_OPTIONS",
+    "metric_options",
 ]
 
 YES, NO, OTHER = "yes", "no", "other"
@@ -58,8 +66,11 @@ def parse_lmms_eval(text: str) -> str:
     ``pope_process_results``): ``pred = text.lower().strip()``; the answer is ``"yes"`` if ``pred ==
     "yes"``, ``"no"`` if ``pred == "no"``, and ``"other"`` for anything else.
 
-    No punctuation is removed: ``"Yes."`` and ``"No, there is not."`` are ``"other"``. (lmms-eval then
-    scores ``pred == ground_truth`` for accuracy; a non-exact answer is wrong whatever the label.)
+    No punctuation is removed: ``"Yes."`` and ``"No, there is not."`` are ``"other"``. lmms-eval then
+    scores ``pred == ground_truth`` for accuracy (a non-exact answer is wrong whatever the label), and its
+    aggregation functions count an ``"other"`` neither as a false negative (``pope_aggregate_recall``
+    counts ``pred == "no"`` only) nor anywhere in ``pope_aggregate_yes_ratio``, which counts the
+    ground-truth labels; ``METRIC_OPTIONS["lmms-eval"]`` reproduces both.
     """
     pred = text.lower().strip()
     if pred == YES:
@@ -124,6 +135,24 @@ PARSERS: dict[str, Callable[[str], str]] = {
     "lmms-eval": parse_lmms_eval,
     "substring": parse_substring,
 }
+
+
+# binary_metrics / pope_summary keyword arguments that reproduce each parser's source aggregation
+METRIC_OPTIONS: dict[str, dict[str, str]] = {
+    # eval_pope.py: recall = TP / (TP + FN) with every answer a yes or a no; yes_ratio over predictions
+    "official": {},
+    # pope_aggregate_recall: TP / (TP + #(gt yes, pred "no")); pope_aggregate_yes_ratio: #(gt yes) / n
+    "lmms-eval": {"other_policy": "exclude", "yes_ratio": "labels"},
+    # vlmeff's own reading of a label-free parser: "other" on a yes question is a miss
+    "substring": {},
+}
+
+
+def metric_options(name: str) -> dict[str, str]:
+    """Keyword arguments for :func:`vlmeff.eval.metrics.binary_metrics` / ``pope_summary`` under the parser
+    ``name``, e.g. ``pope_summary(per_split, **metric_options("lmms-eval"))`` (a KeyError lists the names)."""
+    get_parser(name)
+    return dict(METRIC_OPTIONS[name])
 
 
 def get_parser(name: str) -> Callable[[str], str]:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from vlmeff.eval.intervals import bootstrap_interval, wilson_interval
 from vlmeff.eval.metrics import pope_summary
-from vlmeff.eval.parsers import PARSERS
+from vlmeff.eval.parsers import PARSERS, metric_options
 from vlmeff.eval.pope import LLAVA_PROMPT_SUFFIX, PopeSample
 from vlmeff.eval.runfolder import RunFolder
 from vlmeff.images import load_image
@@ -197,26 +197,10 @@ class PopeRunner:
         return [a.strip() for a in
                 self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
 
-    @staticmethod
-    def _costs(vm, n: int) -> list[dict]:
-        """Per batch row: kept / visual / equivalent tokens, prefill FLOPs and per-question times of the last call."""
-        stats = vm.stats
-        kept = defaultdict(int)
-        total = defaultdict(int)
-        for r in vm.last_record:
-            kept[r.sample] += r.num_kept
-            total[r.sample] += r.num_tokens
-        return [{"kept_tokens": kept[i], "visual_tokens": total[i],
-                 "equivalent_tokens": round(stats.per_sample_equivalent_tokens[i], 3)
-                 if stats.per_sample_equivalent_tokens else kept[i],
-                 "prefill_flops": stats.per_sample_flops[i] if stats.per_sample_flops else 0,
-                 "prefill_s": round(stats.prefill_s / n, 5), "total_s": round(stats.total_s / n, 5),
-                 "batch_size": n} for i in range(n)]
-
     def _answer(self, vm, batch: list[PopeSample], blind: bool = False) -> list[dict]:
         answers = self._generate(vm, batch, blind)
         return [{"question_id": s.question_id, "split": s.split, "image_id": s.image_id, "label": s.label,
-                 "answer": a, **cost} for s, a, cost in zip(batch, answers, self._costs(vm, len(batch)))]
+                 "answer": a, **cost} for s, a, cost in zip(batch, answers, batch_costs(vm, len(batch)))]
 
 
 class ChairRunner(PopeRunner):
@@ -233,7 +217,24 @@ class ChairRunner(PopeRunner):
     def _answer(self, vm, batch, blind: bool = False) -> list[dict]:
         captions = self._generate(vm, batch, blind)
         return [{"question_id": s.question_id, "split": s.split, "image_id": s.image_id, "caption": c, **cost}
-                for s, c, cost in zip(batch, captions, self._costs(vm, len(batch)))]
+                for s, c, cost in zip(batch, captions, batch_costs(vm, len(batch)))]
+
+
+def batch_costs(vm, n: int) -> list[dict]:
+    """Per batch row of the last `vm` call: kept / visual / equivalent tokens, prefill FLOPs and per-question times
+    (what `vlmeff eval` and the lmms-eval model record per question)."""
+    stats = vm.stats
+    kept = defaultdict(int)
+    total = defaultdict(int)
+    for r in vm.last_record:
+        kept[r.sample] += r.num_kept
+        total[r.sample] += r.num_tokens
+    return [{"kept_tokens": kept[i], "visual_tokens": total[i],
+             "equivalent_tokens": round(stats.per_sample_equivalent_tokens[i], 3)
+             if stats.per_sample_equivalent_tokens else kept[i],
+             "prefill_flops": stats.per_sample_flops[i] if stats.per_sample_flops else 0,
+             "prefill_s": round(stats.prefill_s / n, 5), "total_s": round(stats.total_s / n, 5),
+             "batch_size": n} for i in range(n)]
 
 
 def summarize(results: dict[str, list[dict]], parser: str) -> dict:
@@ -243,13 +244,14 @@ def summarize(results: dict[str, list[dict]], parser: str) -> dict:
         by_split: dict[str, list[dict]] = defaultdict(list)
         for r in records:
             by_split[r["split"]].append(r)
+        # each parser with its source's aggregation ("lmms-eval": lmms-eval's recall and yes_ratio)
         metrics = {name: pope_summary({split: ([fn(r["answer"]) for r in rs], [r["label"] for r in rs])
-                                       for split, rs in by_split.items()})
+                                       for split, rs in by_split.items()}, **metric_options(name))
                    for name, fn in PARSERS.items()}
         n = max(1, len(records))
         summary[spec] = {
             "spec": spec, "parser": parser, "metrics": metrics[parser], "metrics_all_parsers": metrics,
-            "ci95": pope_intervals(by_split, PARSERS[parser]),
+            "ci95": pope_intervals(by_split, PARSERS[parser], options=metric_options(parser)),
             "n": len(records),
             "kept_tokens": sum(r["kept_tokens"] for r in records) / n,
             # layer-averaged visual tokens inside the LLM (= kept tokens for methods acting before the LLM)
@@ -263,14 +265,14 @@ def summarize(results: dict[str, list[dict]], parser: str) -> dict:
 
 
 def pope_intervals(by_split: dict[str, list[dict]], parse: Callable[[str], str],
-                   keys: Sequence[str] = ("accuracy", "f1")) -> dict[str, list[float]]:
+                   keys: Sequence[str] = ("accuracy", "f1"), options: dict | None = None) -> dict[str, list[float]]:
     """95 % bootstrap intervals of the mean-over-splits metrics (questions resampled within each split)."""
     parsed = {split: [(parse(r["answer"]), r["label"]) for r in rs] for split, rs in by_split.items()}
     out = {}
     for key in keys:
         def statistic(groups, key=key):
             return pope_summary({g: ([p for p, _ in items], [lab for _, lab in items])
-                                 for g, items in groups.items()})["mean"][key]
+                                 for g, items in groups.items()}, **(options or {}))["mean"][key]
         out[key] = list(bootstrap_interval(parsed, statistic))
     return out
 
@@ -287,7 +289,7 @@ def table_rows(summary: dict) -> list[dict]:
         ci = s.get("ci95", {}).get("f1")
         row.update({"mean acc": round(100 * m["mean"]["accuracy"], 1), "mean F1": round(100 * m["mean"]["f1"], 1),
                     "F1 95% CI": "-" if not ci else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}",
-                    "yes %": round(100 * m["mean"]["yes_ratio"], 1), "prefill ms": round(s["prefill_ms"], 1),
+                    "yes %": round(100 * m["mean"]["pred_yes_ratio"], 1), "prefill ms": round(s["prefill_ms"], 1),
                     "n": s["n"]})
         rows.append(row)
     return rows

@@ -8,8 +8,15 @@ import pickle
 
 import pytest
 
-from vlmeff.eval.metrics import RATE_KEYS, binary_metrics, pope_summary
-from vlmeff.eval.parsers import PARSERS, get_parser, parse_substring, substring_vcd
+from vlmeff.eval.metrics import MEAN_KEYS, RATE_KEYS, binary_metrics, pope_summary
+from vlmeff.eval.parsers import (
+    METRIC_OPTIONS,
+    PARSERS,
+    get_parser,
+    metric_options,
+    parse_substring,
+    substring_vcd,
+)
 from vlmeff.eval.pope import (
     LLAVA_PROMPT_SUFFIX,
     PopeFormatError,
@@ -66,6 +73,37 @@ def test_other_predictions_are_wrong_and_misses_by_default():
     # lmms-eval's aggregation leaves "other" out of the recall denominator
     ex = binary_metrics(preds, labels, other_policy="exclude")
     assert ex["recall"] == 3 / 7 and ex["precision"] == 0.75 and ex["accuracy"] == 5 / 13
+    # both yes-ratios always, under their own names; yes_ratio is the one the options ask for
+    assert (m["pred_yes_ratio"], m["label_yes_ratio"]) == (4 / 13, 9 / 13)  # 3+1 yes answers, 3+4+2 labels
+    by_labels = binary_metrics(preds, labels, yes_ratio="labels")
+    assert by_labels["yes_ratio"] == 9 / 13 and by_labels["pred_yes_ratio"] == 4 / 13
+    same = [k for k in m if k != "yes_ratio"]
+    assert {k: by_labels[k] for k in same} == {k: m[k] for k in same}
+
+
+def test_lmms_eval_parser_names_lmms_eval_aggregation():
+    """lmms-eval's pope_aggregate_recall counts only "no" answers as misses and pope_aggregate_yes_ratio
+    counts the labels; the "lmms-eval" parser's metric options say so, the other parsers keep vlmeff's
+    conventions (the numbers against lmms-eval's own code: tests/test_lmms_eval.py)."""
+    assert metric_options("lmms-eval") == {"other_policy": "exclude", "yes_ratio": "labels"}
+    assert metric_options("official") == {} and metric_options("substring") == {}
+    assert sorted(METRIC_OPTIONS) == sorted(PARSERS)
+    metric_options("lmms-eval")["yes_ratio"] = "predictions"  # a copy: the table itself is not changed
+    assert METRIC_OPTIONS["lmms-eval"]["yes_ratio"] == "labels"
+    with pytest.raises(KeyError, match="known"):
+        metric_options("gpt")
+    texts = ["Yes", "Yes.", "no", "No, there is not.", "yes", "I don't know"]
+    labels = ["yes", "yes", "yes", "no", "no", "yes"]
+    parse = PARSERS["lmms-eval"]
+    m = binary_metrics([parse(t) for t in texts], labels, **metric_options("lmms-eval"))
+    assert (m["tp"], m["fn"], m["fp"], m["other_pos"], m["other_neg"]) == (1, 1, 1, 2, 1)
+    assert m["recall"] == 1 / 2 and m["precision"] == 1 / 2 and m["accuracy"] == 1 / 6
+    assert m["yes_ratio"] == 4 / 6 and m["pred_yes_ratio"] == 2 / 6
+    out = pope_summary({"random": ([parse(t) for t in texts], labels), "popular": (["yes"], ["no"])},
+                       **metric_options("lmms-eval"))
+    assert out["random"] == m
+    assert out["popular"]["yes_ratio"] == 0.0 and out["popular"]["pred_yes_ratio"] == 1.0
+    assert out["mean"]["yes_ratio"] == 2 / 6 and out["mean"]["pred_yes_ratio"] == (2 / 6 + 1) / 2
 
 
 def test_binary_metrics_zero_division_is_zero():
@@ -86,6 +124,8 @@ def test_binary_metrics_rejects_bad_input():
         binary_metrics(["yes"], ["maybe"])
     with pytest.raises(ValueError, match="other_policy"):
         binary_metrics(["yes"], ["yes"], other_policy="drop")
+    with pytest.raises(ValueError, match=r"yes_ratio must be one of .*'answers'"):
+        binary_metrics(["yes"], ["yes"], yes_ratio="answers")
 
 
 def test_pope_summary_unweighted_mean_over_splits():
@@ -99,7 +139,7 @@ def test_pope_summary_unweighted_mean_over_splits():
     assert out["random"] == binary_metrics(*per_split["random"])
     assert out["popular"]["f1"] == 1.0
     assert out["adversarial"]["precision"] == 0.5 and out["adversarial"]["recall"] == 1.0
-    for k in RATE_KEYS:
+    for k in MEAN_KEYS:
         assert out["mean"][k] == pytest.approx(sum(out[s][k] for s in per_split) / 3, abs=1e-15)
     assert out["mean"]["accuracy"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
     assert out["mean"]["n"] == 22 and out["mean"]["n_splits"] == 3
