@@ -204,3 +204,22 @@ def test_forward_sets_prefill_time(loaded):
         stats = vm.stats
     assert stats.llm_prefill_s > 0 and stats.prefill_s == stats.encode_s + stats.strategy_s + stats.llm_prefill_s
     assert stats.total_s >= stats.prefill_s * 0.99
+
+
+@pytest.mark.parametrize("spec", ["vanilla", "fastervlm:keep=16", "flowcut:keep=16", "fastv:keep=16,layer=1",
+                                  "atp:points=0,mass=0.6,strides=4",
+                                  "aim:iterations=1+aim-prune", "naavit", "pai", "vcd",
+                                  "fastervlm:keep=16+fastv:keep=8,layer=1"])
+@pytest.mark.parametrize("batched", [False, True], ids=["one", "batch"])
+def test_timings_add_up(loaded, spec, batched):
+    """prefill (time to first token) never exceeds the whole call, and the in-LLM strategy work is counted once:
+    inside the LLM's prefill time, not a second time next to it."""
+    model, processor = loaded("llava-clip")
+    prompts = ["What is it?", "Describe the picture in detail please."][: 2 if batched else 1]
+    inputs = make_inputs(processor, prompts, [[make_image(i)] for i in range(len(prompts))])
+    with vlmeff.wrap(model, processor, spec) as vm:
+        greedy(vm.generate, inputs, n=3)
+        s = vm.stats
+    assert 0 < s.prefill_s <= s.total_s
+    assert s.prefill_s == pytest.approx(s.encode_s + (s.strategy_s - s.llm_strategy_s) + s.llm_prefill_s)
+    assert 0 <= s.llm_strategy_s <= s.llm_prefill_s and s.llm_strategy_s <= s.strategy_s

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,8 @@ class PrefillView:
     valid: torch.Tensor  # [B, S] bool, real (not padding) tokens of the current sequence
     hidden: torch.Tensor | None = None  # [B, S, D] output of the layer `select` prunes after (None in `observe`)
     layout: TokenLayout | None = None  # the current layout the view was made from
+    # the language model's final normalisation (hidden -> what the LM head reads); None where the model has none
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -84,7 +87,9 @@ class LLMSession:
         self.attention = list(attention)  # attention-stage strategies
         self.layout0 = layout
         self.images = images
-        self.strategy_s = 0.0
+        # the strategies' own work inside the LLM forward, by phase (the prefill part is inside the prefill's time)
+        self.prefill_strategy_s = 0.0
+        self.decode_strategy_s = 0.0
         self.layer_lengths: list[list[int]] = []  # [B][L] real tokens entering each layer
         self.layer_visual: list[list[int]] = []  # [B][L] visual tokens entering each layer
         lm = model.model.language_model
@@ -148,7 +153,8 @@ class LLMSession:
                                         images=layout.image[row, positions], text_after=text_after,
                                         last=int(real.nonzero().max()), num_visual=self.num_visual[row],
                                         original_counts=self.original_counts[row]))
-        return PrefillView(samples, layout.grids, self.num_layers, valid, layout=layout)
+        return PrefillView(samples, layout.grids, self.num_layers, valid, layout=layout,
+                           final_norm=getattr(self.model.model.language_model, "norm", None))
 
     def _set_current(self, layout: TokenLayout) -> None:
         """The prefill sequence the next layers see, and its per-row token counts (one host sync per compaction)."""
@@ -172,6 +178,13 @@ class LLMSession:
     def prefill(self) -> bool:
         return self.router.phase == "prefill"
 
+    def _spent(self, start: float) -> None:
+        """Book the time since `start` as strategy work of the current phase."""
+        if self.prefill:
+            self.prefill_strategy_s += time.perf_counter() - start
+        else:
+            self.decode_strategy_s += time.perf_counter() - start
+
     def _on_llm_call(self, phase: str, kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
@@ -192,14 +205,14 @@ class LLMSession:
             prefill_mask = self.mask_of(self.layout0)
             if prefill_mask is not None:
                 kwargs["attention_mask"] = prefill_mask  # a 4-D mask is used as is by transformers
-            self.strategy_s += time.perf_counter() - start
+            self._spent(start)
 
     # --- hooks ----------------------------------------------------------------------------------------------------
     def _observer(self, strategy):
         def observe(layer: int, attention: AttentionInputs) -> None:
             start = time.perf_counter()
             strategy.observe(layer, attention, self.current_view(), self.states[id(strategy)])
-            self.strategy_s += time.perf_counter() - start
+            self._spent(start)
         return observe
 
     def _score_edit(self, strategy):
@@ -280,7 +293,7 @@ class LLMSession:
                     remaining = dataclasses.replace(self.layout, kind=self.layout.kind.masked_fill(~keep, -1))
                     view = dataclasses.replace(self.view(remaining), hidden=hidden)
             if torch.equal(keep, valid):
-                self.strategy_s += time.perf_counter() - start
+                self._spent(start)
                 return None
             idx = compact(keep, pad_side="left")  # [B, S'] current positions, -1 = pad
             cos, sin = kwargs["position_embeddings"]
@@ -298,7 +311,7 @@ class LLMSession:
             self._set_current(layout)
             self._record(index + 1)
             hidden = gather_tokens(hidden, idx.index)
-            self.strategy_s += time.perf_counter() - start
+            self._spent(start)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         return hook
 

@@ -34,6 +34,7 @@ from vlmeff.strategy import (
     ImageTokens,
     NotApplicableError,
     ProbeUnavailableError,
+    PromptText,
     SelectionRecord,
     Stage,
     StrategyError,
@@ -59,9 +60,13 @@ class RunStats:
     per_sample_flops: list[int] = field(default_factory=list)  # total prefill FLOPs of each batch row
     per_sample_equivalent_tokens: list[float] = field(default_factory=list)  # layer-averaged visual tokens per row
     encode_s: float = 0.0  # vision encoder
-    strategy_s: float = 0.0  # the strategies' own work (scores, selection, splice; in-LLM scoring and compaction)
-    llm_prefill_s: float = 0.0  # first LLM forward over the prompt
-    prefill_s: float = 0.0  # encode + strategies + LLM prefill (time to first token)
+    # the strategies' own work in the prefill: before the LLM (scores, selection, splice) plus inside the LLM's prefill
+    # forward (in-LLM scoring and compaction, masks; that part is also inside llm_prefill_s)
+    strategy_s: float = 0.0
+    llm_strategy_s: float = 0.0  # the in-LLM part of strategy_s
+    decode_strategy_s: float = 0.0  # strategy work during the decode steps (e.g. score edits), inside total_s only
+    llm_prefill_s: float = 0.0  # first LLM forward over the prompt (in-LLM strategy work included)
+    prefill_s: float = 0.0  # encode + pre-LLM strategy work + LLM prefill (time to first token)
     total_s: float = 0.0
     new_tokens: int = 0
 
@@ -187,6 +192,7 @@ class VLMWrapper:
             images = self._mark_frames(inputs, slots, images, frames)
             self._sync()
             t1 = time.perf_counter()
+            images = self._attach_prompts(inputs, images)
             images = self._pre_llm(images)
             model_kwargs = self.connector.assemble(inputs, slots, images, self.positions)
             self._sync()
@@ -228,6 +234,26 @@ class VLMWrapper:
                     raise ProbeUnavailableError(f"{strategy.name} cannot follow a vision-stage reduction: {e}") from None
             for i, img in zip(members, part):
                 out[i] = img
+        return out
+
+    def _attach_prompts(self, inputs: dict[str, Any], images: list[ImageTokens]) -> list[ImageTokens]:
+        """Give every image the text of its sample (`PromptText`), for strategies conditioned on the instruction."""
+        ids, mask = inputs["input_ids"], _mask(inputs).bool()
+        connector = self.connector
+        span_ids = torch.tensor(connector.image_span_ids(), dtype=ids.dtype, device=ids.device)
+        control_ids = torch.tensor(connector.control_token_ids(), dtype=ids.dtype, device=ids.device)
+        opener = connector.answer_opener_ids()
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        embed = self.model.get_input_embeddings()
+        prompts: dict[int, PromptText] = {}
+        out = []
+        for img in images:
+            sample = img.record.sample
+            if sample not in prompts:
+                row = ids[sample][mask[sample]]
+                prompts[sample] = PromptText(row, torch.isin(row, span_ids), torch.isin(row, control_ids),
+                                             None if opener is None else tuple(opener), embed, tokenizer)
+            out.append(dataclasses.replace(img, prompt=prompts[sample]))
         return out
 
     def _mark_frames(self, inputs: dict[str, Any], slots, images: list[ImageTokens],
@@ -283,7 +309,9 @@ class VLMWrapper:
             return fn(*args, **kwargs)
         with session:
             out = fn(*args, **kwargs)
-        self.stats.strategy_s += session.strategy_s
+        self.stats.llm_strategy_s = session.prefill_strategy_s
+        self.stats.decode_strategy_s = session.decode_strategy_s
+        self.stats.strategy_s += session.prefill_strategy_s
         self._count(self._inputs, self._slots, self._images, session.layer_lengths)
         main = self._main_rows(self._inputs)
         self.stats.per_sample_equivalent_tokens = session.per_sample_equivalent_tokens()[:main]
@@ -350,7 +378,7 @@ class VLMWrapper:
             out.logits = logits
         self._sync()
         stats = self.stats
-        stats.prefill_s = stats.encode_s + stats.strategy_s + stats.llm_prefill_s  # logits over all positions
+        stats.prefill_s = stats.encode_s + (stats.strategy_s - stats.llm_strategy_s) + stats.llm_prefill_s  # logits over all positions
         stats.total_s = time.perf_counter() - t0
         return out
 
@@ -370,7 +398,7 @@ class VLMWrapper:
         self._sync()
         stats = self.stats
         stats.total_s = time.perf_counter() - t0
-        stats.prefill_s = stats.encode_s + stats.strategy_s + stats.llm_prefill_s
+        stats.prefill_s = stats.encode_s + (stats.strategy_s - stats.llm_strategy_s) + stats.llm_prefill_s
         sequences = out.sequences if hasattr(out, "sequences") else out
         rows = inputs["input_ids"].shape[0]
         new = sequences[:rows, model_kwargs["input_ids"].shape[1]:]  # the caller's rows (branch rows follow them)
