@@ -465,7 +465,11 @@ def add_targets(rows: list[dict], smallest_budget: int) -> None:
         at_target_budget = r["budget"] == smallest_budget or (
             r["budget"] is None and r["kept_per_image"] <= smallest_budget)
         if r["spec"] != "vanilla" and stages and stages <= REDUCE_BEFORE_LLM and at_target_budget:
-            r["speedup_target_met"] = bool(r["speedup"] >= SPEEDUP_TARGET * r["flop_ratio"])
+            target = SPEEDUP_TARGET * r["flop_ratio"]
+            r["speedup_target_met"] = bool(r["speedup"] >= target)
+            low, high = r["speedup_ci95"]
+            # the paired interval straddles the target: this run cannot tell met from missed
+            r["speedup_undecided"] = bool(math.isfinite(low) and math.isfinite(high) and low < target < high)
         else:
             r["speedup_target_met"] = None
         if r["spec"] == "vanilla" or "vision" in stages:  # vision-stage work is inside encode_s
@@ -720,7 +724,8 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, str]]:
             "paired speedup (95% CI)": _paired(r),
             "overhead ms": f"{r['strategy_s'] * 1e3:.1f}", "overhead %": f"{100 * r['overhead_frac']:.2f}",
             "decode ms/token": f"{r['decode_s_per_token'] * 1e3:.1f}", "peak MiB": _mib(r["peak_bytes"]),
-            "peak +MiB": _mib(r["peak_delta_bytes"]), "speedup target": _mark(r["speedup_target_met"]),
+            "peak +MiB": _mib(r["peak_delta_bytes"]),
+            "speedup target": _mark(r["speedup_target_met"]) + (" (CI too wide)" if r.get("speedup_undecided") else ""),
             "overhead target": overhead,
         })
     return out
@@ -774,6 +779,10 @@ def markdown_report(results: dict[str, Any]) -> str:
               "image entering the LLM; equiv. tokens = their average over the LLM layers (smaller only for in-LLM "
               "methods). Peak memory: "
               f"{results['rows'][0]['memory_method']} (peak +MiB = increase over the start of the call)."]
+    undecided = [r["spec"] for r in results["rows"] if r.get("speedup_undecided")]
+    if undecided:
+        lines.append(f"- WARNING: the 95 % interval of the paired speedup contains the target for {', '.join(undecided)}: "
+                     "more --runs (or a quieter machine) are needed to judge it.")
     for spec, why in results["skipped"].items():
         lines.append(f"- skipped `{spec}`: {why}")
     b = results["batch"]
