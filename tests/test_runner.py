@@ -128,3 +128,32 @@ def test_in_llm_methods_report_equivalent_tokens(loaded, tmp_path, samples):
     rows = {row["strategy"]: row for row in table_rows(summary)}
     assert rows["fastv:keep=8,layer=2"]["equiv. tokens"] == 36.0
     assert summary["fastv:keep=8,layer=2"]["prefill_gflops"] < summary["vanilla"]["prefill_gflops"]
+
+
+def test_length_grouping_pads_less_and_answers_the_same(loaded, tmp_path):
+    """Batches of similar prompt length: less padding, the same greedy answers as batches in data order."""
+    from vlmeff.eval.pope import PopeSample
+
+    model, processor = loaded("llava-clip")
+    texts = ["Is there a dog?", "Is there a very large and unusually colourful umbrella near the old red car?",
+             "Is there a cat?", "Is there a person standing next to the tall tree in the middle of the picture?"] * 2
+    samples = [PopeSample(question_id=f"q{i}", split="random", image_id=str(i % 3), text=t,
+                          label="yes" if i % 2 else "no", image=None) for i, t in enumerate(texts)]
+    runs = {}
+    for grouped in (False, True):
+        runner = PopeRunner(model, processor, samples, tmp_path / str(grouped), image_loader=lambda s: make_img(s),
+                            batch_size=4, max_new_tokens=3, progress=False, group_by_length=grouped)
+        order = runner.batch_order()
+        tok = processor.tokenizer
+        lengths = [len(tok(runner.prompt(s), add_special_tokens=False).input_ids) for s in order]
+        padding = sum(max(lengths[i:i + 4]) * len(lengths[i:i + 4]) - sum(lengths[i:i + 4]) for i in range(0, 8, 4))
+        runs[grouped] = (padding, runner.run("vanilla"))
+    assert runs[True][0] < runs[False][0]
+    assert [r["answer"] for r in runs[True][1]] == [r["answer"] for r in runs[False][1]]
+    assert [r["question_id"] for r in runs[True][1]] == [s.question_id for s in samples]  # data order out
+
+
+def make_img(sample):
+    from conftest import make_image
+
+    return make_image(int(sample.image_id))
