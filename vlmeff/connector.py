@@ -278,6 +278,24 @@ class Connector:
         self._opener = b[common:] or None
         return self._opener
 
+    def control_token_ids(self) -> list[int]:
+        """Token ids that never carry the user's words (`PromptText.control`): the image-span ids, the text config's
+        bos / eos / pad ids and, with a processor, its tokenizer's special tokens (registered ones and added tokens
+        marked special, e.g. Qwen's <|im_start|>, <|vision_end|>)."""
+        if getattr(self, "_control", None) is not None:
+            return self._control
+        ids = set(self.image_span_ids())
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self.config.text_config, name, None)
+            ids.update(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        if tokenizer is not None:
+            ids.update(getattr(tokenizer, "all_special_ids", None) or [])
+            added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+            ids.update(i for i, token in added.items() if getattr(token, "special", False))
+        self._control = sorted(int(i) for i in ids)
+        return self._control
+
     def frame_indices(self, inputs: dict[str, Any], slots: list[ImageSlot]) -> list[int | None]:
         """Per slot: its frame index within a video the model reads natively (Qwen2-VL's temporal patches), or None
         (a still image, or a frame the caller feeds as an image: the wrapper's `frames=` marks those)."""
@@ -302,7 +320,7 @@ class Connector:
         out = list(images)
         for i, emb in zip(todo, embeds):
             images[i].record.projected_tokens = emb.shape[0]
-            out[i] = dataclasses.replace(images[i], features=emb, projected=True)
+            out[i] = dataclasses.replace(images[i], features=emb, projected=True, vision_features=images[i].features)
         return out
 
     def slots(self, inputs: dict[str, Any]) -> list[ImageSlot]:

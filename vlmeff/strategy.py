@@ -101,6 +101,66 @@ class SelectionRecord:
         }
 
 
+@dataclass(frozen=True, eq=False)
+class PromptText:
+    """The prompt of the sample (batch row) an image belongs to, for strategies conditioned on the text (CDPruner's
+    instruction). The wrapper builds one per sample; every image of the sample shares it.
+
+    input_ids: [S] the row's prompt as given to the wrapper (unreduced), padding removed;
+    image_span: [S] bool, the tokens of image / video spans (`Connector.image_span_ids`: the placeholders and the
+               family's wrapping tokens, e.g. Qwen's <|vision_start|> / <|vision_end|>);
+    control:   [S] bool, tokens that never carry the user's words (`Connector.control_token_ids`: the image-span
+               ids, the config's bos / eos / pad ids, the tokenizer's special tokens);
+    opener:    the assistant-turn opener (`Connector.answer_opener_ids`), None when unknown (no processor);
+    embed:     the language model's input embedding: ids [n] -> [n, D] in the LLM input space;
+    tokenizer: the processor's tokenizer (None without a processor), to decode / re-encode the text.
+    """
+
+    input_ids: torch.Tensor
+    image_span: torch.Tensor
+    control: torch.Tensor
+    opener: tuple[int, ...] | None
+    embed: Any
+    tokenizer: Any = None
+
+    def instruction(self) -> torch.Tensor:
+        """[n] positions (ascending, into `input_ids`) of the instruction: the user's text of the turn that holds
+        the sample's images. Rule: the run of tokens right after the LAST image span, up to the first control token
+        (Qwen's <|im_end|>) or the first assistant opener (LLaVA's "ASSISTANT:"), whichever comes first (else the
+        row's end). When that run is empty or blank (decoded, when the tokenizer is known), e.g. because the text
+        precedes the images: the run right before the FIRST image span, back to the previous control token or the
+        row's start (on templates whose role names are plain text, "USER:" is part of it). Empty when neither
+        holds text. Several images in one prompt share it."""
+        ids, control = self.input_ids, self.control
+        length = ids.numel()
+        position = torch.arange(length, device=ids.device)
+        spans = self.image_span.nonzero().squeeze(1)
+        if not spans.numel():
+            return position[:0]
+        start = int(spans[-1]) + 1
+        stops = (control & (position >= start)).nonzero().squeeze(1)
+        end = int(stops[0]) if stops.numel() else length
+        if self.opener and end - start >= len(self.opener):
+            windows = ids[start:end].unfold(0, len(self.opener), 1)  # [end - start - n + 1, n]
+            hits = (windows == torch.as_tensor(self.opener, device=ids.device)).all(1).nonzero().squeeze(1)
+            end = start + int(hits[0]) if hits.numel() else end
+        after = position[start:end]
+        if not self._blank(after):
+            return after
+        first = int(spans[0])
+        previous = (control & (position < first)).nonzero().squeeze(1)
+        before = position[(int(previous[-1]) + 1 if previous.numel() else 0): first]
+        return position[:0] if self._blank(before) else before
+
+    def _blank(self, positions: torch.Tensor) -> bool:
+        """True when the tokens at `positions` carry no text: none, or only whitespace (with a tokenizer)."""
+        if not positions.numel():
+            return True
+        if self.tokenizer is None:
+            return False
+        return not self.tokenizer.decode(self.input_ids[positions].tolist(), skip_special_tokens=True).strip()
+
+
 @dataclass
 class ImageTokens:
     """The visual tokens of one image while strategies act on them (pre-LLM stage).
@@ -112,6 +172,12 @@ class ImageTokens:
               merged into (its representative); -1 only for synthetic tokens without a grid cell. Order is the
               order the tokens reach the LLM (kept tokens in raster order, merged/contextual ones appended).
     probe:    lazy access to vision-encoder internals (attention rows) for this image, see `VisionProbe`.
+    prompt:   the text of the image's sample (`PromptText`), set by the wrapper; None outside it.
+    vision_features: [V_cur, D_vis] the same tokens before the projector, kept when they were projected
+              (`Connector.project_images`) for a strategy that also needs the vision space (CDPruner's CLIP
+              relevance); None before projection. On Qwen2-VL, where the reduction space is the LLM's, it equals
+              `features`. A strategy that replaces `features` after projection without `keep` leaves it stale, so
+              readers check that its rows match.
     """
 
     features: torch.Tensor
@@ -123,16 +189,24 @@ class ImageTokens:
     # groups[j]: original grid indices folded into token j (None while no strategy has merged anything)
     groups: list[list[int]] | None = None
     frame: int | None = None  # frame index within its video (see SelectionRecord.frame); None for a still image
+    prompt: PromptText | None = None
+    vision_features: torch.Tensor | None = None
 
     @property
     def num_original(self) -> int:
         return self.record.num_tokens
 
     def keep(self, positions: torch.Tensor) -> ImageTokens:
-        """The tokens at `positions` [k] (in that order), with their indices and merge groups."""
+        """The tokens at `positions` [k] (in that order), with their indices, merge groups and vision features."""
         features = gather_tokens(self.features[None], positions[None])[0]  # [k, D]
         groups = None if self.groups is None else [self.groups[j] for j in positions.tolist()]
-        return dataclasses.replace(self, features=features, index=self.index[positions], groups=groups)
+        vision = self.vision_features
+        if vision is not None and vision.shape[0] == self.features.shape[0]:
+            vision = gather_tokens(vision[None], positions[None])[0]
+        else:
+            vision = None
+        return dataclasses.replace(self, features=features, index=self.index[positions], groups=groups,
+                                   vision_features=vision)
 
     def finish_record(self) -> SelectionRecord:
         """Write what reaches the LLM into the record: kept (representative) indices, extras, merge groups."""
