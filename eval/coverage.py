@@ -2,8 +2,8 @@
 
     python -m vlmeff.eval.coverage --strategy fastervlm:keep=64 --strategy random:keep=64 --num-images 40
 
-For each strategy and scene: `on objects` = share of the kept tokens whose 14 px cell overlaps the bounding box of a
-present object; `objects hit` = share of the present objects with at least one kept token on their box. A
+For each strategy and scene: `on objects` = share of the kept tokens (for in-LLM methods: those left after their
+last removal) whose 14 px cell overlaps the bounding box of a present object; `objects hit` = share of the present objects with at least one kept token on their box. A
 diagnostic of WHY a method ranks where it does on POPE (which asks about objects), not a benchmark.
 """
 
@@ -48,11 +48,13 @@ def coverage(specs: list[str], num_images: int = 40) -> dict[str, tuple[float, f
             for scene in scenes:
                 inputs = processor(images=[scene.image], text=[prompt], return_tensors="pt")
                 with torch.no_grad():
-                    vm.prepare(**inputs)
+                    vm(**inputs)  # one prefill: in-LLM methods record what they remove inside the LLM
                 record = vm.last_record[0]
                 grid = record.grid[1]
                 boxes = object_cells(scene, grid, scene.image.size[0])
-                kept = set(record.kept_indices.tolist())
+                # the cells that reach the LLM's last layers (in-LLM removal), else those entering the LLM
+                cells = record.llm_kept[max(record.llm_kept)] if record.llm_kept else record.kept_indices
+                kept = set(cells.tolist())
                 union = set().union(*boxes) if boxes else set()
                 on.append(len(kept & union) / max(1, len(kept)))
                 hit.append(sum(bool(kept & b) for b in boxes) / max(1, len(boxes)))

@@ -576,3 +576,36 @@ def test_next_per_view_selection_keep_everything_and_batch(next_model):
                 assert r.to_dict() == dict(records[j], sample=0, image=r.image, source_image=r.source_image)
                 j += 1
         vm.unwrap()
+
+
+@pytest.mark.parametrize("preset, name", [("divprune-64", "divprune"), ("cdpruner-64", "cdpruner"),
+                                          ("vispruner-64", "vispruner"), ("dart-128", "dart")])
+def test_usable_from_cli_yaml_and_python(saved_models, tmp_path, capsys, preset, name):
+    """The four diversity methods by preset (YAML in configs/), by a YAML file of one's own, from the CLI and from
+    Python, all giving the same selection."""
+    import json
+
+    from PIL import Image
+
+    from vlmeff.cli import main
+
+    image = tmp_path / "img.png"
+    Image.new("RGB", (60, 50), "red").save(image)
+    own = tmp_path / "mine.yaml"
+    own.write_text((vlmeff.spec._preset_path(preset)).read_text())
+    if name == "dart":  # the tiny LLM has 2 layers: DART before its layer 1 instead of the preset's layer 2
+        assert "layer=2" in vlmeff.spec.describe(parse_spec(preset))
+        own.write_text(own.read_text().replace("layer: 2", "layer: 1"))
+        preset = "dart:layer=1,keep=128"
+    kept = []
+    for spec in (preset, str(own)):
+        assert main(["run", "--model", saved_models["llava-clip"], "--image", str(image), "--prompt", "Is it red?",
+                     "--strategy", spec, "--max-new-tokens", "1", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["strategy"].startswith(name + ":")
+        kept.append(out["records"][0]["kept_indices"])
+    model, processor = vlmeff.load(saved_models["llava-clip"], dtype="float32")
+    with vlmeff.wrap(model, processor, parse_spec(preset)) as vm:
+        vm.chat(str(image), "Is it red?", max_new_tokens=1)
+        kept.append(vm.last_record[0].kept_indices.tolist())
+    assert kept[0] == kept[1] == kept[2]
