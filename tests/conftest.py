@@ -50,6 +50,27 @@ def make_inputs(processor, prompts: list[str], images: list[list[Image.Image]]):
     return processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
 
 
+def assert_batch_equals_one_by_one(vm, processor, prompts: list[str], images: list[list[Image.Image]],
+                                   **generate_kwargs) -> list[dict]:
+    """Generate the prompts as one left-padded batch and one by one through the same wrapper `vm`: every sample's new
+    tokens and selection records must be equal (records compared with the batch row as their sample, without the
+    batch-global image indices). Returns the batched records as dicts."""
+    inputs = make_inputs(processor, prompts, images)
+    out = vm.generate(**inputs, **generate_kwargs)
+    batched = [r.to_dict() for r in vm.last_record]
+    single = []
+    for i, (prompt, imgs) in enumerate(zip(prompts, images)):
+        one = make_inputs(processor, [prompt], [imgs])
+        tokens = vm.generate(**one, **generate_kwargs)
+        assert torch.equal(out[i, inputs["input_ids"].shape[1]:], tokens[0, one["input_ids"].shape[1]:]), \
+            f"sample {i} differs"
+        single += [dict(r.to_dict(), sample=i) for r in vm.last_record]
+    global_indices = ("image", "source_image")
+    assert [{k: v for k, v in r.items() if k not in global_indices} for r in batched] == \
+           [{k: v for k, v in r.items() if k not in global_indices} for r in single]
+    return batched
+
+
 def greedy(fn, inputs, n=5):
     """Greedy generation of n new tokens with `fn` (model.generate or a wrapper's generate)."""
     return fn(**inputs, max_new_tokens=n, do_sample=False)

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 import vlmeff
-from conftest import generate_recording_lengths, greedy, make_image, make_inputs
+from conftest import (
+    assert_batch_equals_one_by_one,
+    generate_recording_lengths,
+    make_image,
+    make_inputs,
+)
 from vlmeff.connector import VisionProbe
 from vlmeff.pruners.pre_llm.pool import Pool
 from vlmeff.pruners.pre_llm.random import RandomPruner
@@ -278,20 +283,8 @@ def test_batch_equals_one_by_one(loaded, kind, spec):
         images = [[make_image(10)], [make_image(11), make_image(12)], [make_image(13, (90, 40))]]
     else:
         images = [[make_image(10)], [make_image(11)], [make_image(12)]]
-    vm = vlmeff.wrap(model, processor, spec)
-    batch = make_inputs(processor, PROMPTS, images)
-    out = greedy(vm.generate, batch, n=6)
-    records = [r.to_dict() for r in vm.last_record]
-    width, j = batch["input_ids"].shape[1], 0
-    for i in range(3):
-        single = make_inputs(processor, [PROMPTS[i]], [images[i]])
-        one = greedy(vm.generate, single, n=6)
-        assert torch.equal(out[i, width:], one[0, single["input_ids"].shape[1]:]), f"sample {i} differs"
-        for r in vm.last_record:
-            mine = dict(records[j], sample=0, image=r.image)
-            assert r.to_dict() == mine
-            j += 1
-    vm.unwrap()
+    with vlmeff.wrap(model, processor, spec) as vm:
+        assert_batch_equals_one_by_one(vm, processor, PROMPTS, images, max_new_tokens=6, do_sample=False)
 
 
 @pytest.mark.parametrize("kind,spec,kept", [

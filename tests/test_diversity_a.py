@@ -11,7 +11,12 @@ import pytest
 import torch
 
 import vlmeff
-from conftest import generate_recording_lengths, greedy, make_image, make_inputs
+from conftest import (
+    assert_batch_equals_one_by_one,
+    generate_recording_lengths,
+    make_image,
+    make_inputs,
+)
 from vlmeff.pruners.pre_llm.cdpruner import (
     CDPruner,
     cosine_similarity,
@@ -471,19 +476,8 @@ def test_batch_equals_one_by_one(loaded, kind, spec):
         images = [[make_image(10)], [make_image(11), make_image(12)], [make_image(13, (90, 40))]]
     else:
         images = [[make_image(10)], [make_image(11)], [make_image(12)]]
-    vm = vlmeff.wrap(model, processor, spec)
-    batch = make_inputs(processor, PROMPTS, images)
-    out = greedy(vm.generate, batch, n=5)
-    records = [r.to_dict() for r in vm.last_record]
-    width, j = batch["input_ids"].shape[1], 0
-    for i in range(3):
-        single = make_inputs(processor, [PROMPTS[i]], [images[i]])
-        one = greedy(vm.generate, single, n=5)
-        assert torch.equal(out[i, width:], one[0, single["input_ids"].shape[1]:]), f"sample {i} differs"
-        for r in vm.last_record:
-            assert r.to_dict() == dict(records[j], sample=0, image=r.image)
-            j += 1
-    vm.unwrap()
+    with vlmeff.wrap(model, processor, spec) as vm:
+        assert_batch_equals_one_by_one(vm, processor, PROMPTS, images, max_new_tokens=5, do_sample=False)
 
 
 @pytest.mark.parametrize("kind,spec,kept", [("llava-clip", "divprune:keep=9", 9), ("llava-clip", "cdpruner:keep=5", 5),
@@ -562,20 +556,10 @@ def test_next_per_view_selection_keep_everything_and_batch(next_model):
         reference = model(**inputs).logits
     with vlmeff.wrap(model, processor, "cdpruner:keep=100000+divprune:ratio=1.0") as vm:
         assert torch.equal(vm(**inputs).logits, reference)
-    steps = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
     for spec in ["divprune:keep=6", "cdpruner:keep=9"]:
-        vm = vlmeff.wrap(model, processor, spec)
-        out = vm.generate(**inputs, **steps)
-        records = [r.to_dict() for r in vm.last_record]
-        width, j = inputs["input_ids"].shape[1], 0
-        for i in range(3):
-            single = make_inputs(processor, [PROMPTS[i]], [images[i]])
-            one = vm.generate(**single, **steps)
-            assert torch.equal(out[i, width:], one[0, single["input_ids"].shape[1]:]), f"{spec}: sample {i} differs"
-            for r in vm.last_record:
-                assert r.to_dict() == dict(records[j], sample=0, image=r.image, source_image=r.source_image)
-                j += 1
-        vm.unwrap()
+        with vlmeff.wrap(model, processor, spec) as vm:
+            assert_batch_equals_one_by_one(vm, processor, PROMPTS, images, max_new_tokens=3, min_new_tokens=3,
+                                           do_sample=False)
 
 
 @pytest.mark.parametrize("preset, name", [("divprune-64", "divprune"), ("cdpruner-64", "cdpruner"),

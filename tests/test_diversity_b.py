@@ -15,7 +15,7 @@ from test_llm_stage import deepen, layer_lengths
 import vlmeff
 import vlmeff.pruners.in_llm.dart  # noqa: F401  (registers dart, dart-embed until vlmeff.pruners imports them)
 import vlmeff.pruners.pre_llm.vispruner  # noqa: F401
-from conftest import greedy, llm_input_lengths, make_image, make_inputs
+from conftest import assert_batch_equals_one_by_one, greedy, llm_input_lengths, make_image, make_inputs
 from vlmeff.connector import VisionProbe
 from vlmeff.llm_stage import PrefillView, SampleTokens
 from vlmeff.pruners.in_llm.dart import DART, DARTEmbed
@@ -366,20 +366,9 @@ def test_batch_equals_one_by_one(models, kind, spec):
     model, processor = models[kind]
     connector = f":budget={budget}" if budget else None
     images = [[make_image(7)], [make_image(8, size=(70, 40)), make_image(9)], [make_image(10, size=(40, 70))]]
-    inputs = make_inputs(processor, PROMPTS, images)
-    steps = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
     with vlmeff.wrap(model, processor, spec, connector=connector) as vm:
-        out = vm.generate(**inputs, **steps)
-        batched = [r.to_dict() for r in vm.last_record]
-        single = []
-        for i, (prompt, imgs) in enumerate(zip(PROMPTS, images)):
-            one = make_inputs(processor, [prompt], [imgs])
-            tokens = vm.generate(**one, **steps)
-            assert torch.equal(out[i, inputs["input_ids"].shape[1]:], tokens[0, one["input_ids"].shape[1]:]), i
-            single += [dict(r.to_dict(), sample=i) for r in vm.last_record]
-    strip = ("image", "source_image")
-    assert [{k: v for k, v in r.items() if k not in strip} for r in batched] == \
-           [{k: v for k, v in r.items() if k not in strip} for r in single]
+        batched = assert_batch_equals_one_by_one(vm, processor, PROMPTS, images, max_new_tokens=4, min_new_tokens=4,
+                                                 do_sample=False)
     assert any(len(r["kept_indices"]) < r["num_tokens"] or
                any(len(c) < len(r["kept_indices"]) for c in r["llm_kept"].values()) for r in batched)  # removed
 

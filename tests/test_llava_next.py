@@ -16,7 +16,7 @@ from test_llm_stage import deepen
 from transformers.image_processing_utils import select_best_resolution
 
 import vlmeff
-from conftest import greedy, llm_input_lengths, make_image, make_inputs
+from conftest import assert_batch_equals_one_by_one, greedy, llm_input_lengths, make_image, make_inputs
 from vlmeff.connectors.llava_next import LlavaNextConnector
 from vlmeff.pruners.vision.flowcut import FlowCut
 from vlmeff.strategy import NotApplicableError
@@ -302,20 +302,10 @@ def test_visionzip_and_preserve_positions(next_model):
 def test_batch_equals_one_by_one(next_model, spec):
     model, processor = next_model
     prompts = [[(1, 0), (2, 2)], [(3, 1)], [(4, 3)]]
-    inputs, images = batch_inputs(processor, prompts)
-    vm = vlmeff.wrap(model, processor, spec)
-    steps = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)  # no early EOS: rows stay comparable
-    out = vm.generate(**inputs, **steps)
-    records = [r.to_dict() for r in vm.last_record]
-    width, j = inputs["input_ids"].shape[1], 0
-    for i in range(3):
-        single = make_inputs(processor, [PROMPTS[i]], [images[i]])
-        one = vm.generate(**single, **steps)
-        assert torch.equal(out[i, width:], one[0, single["input_ids"].shape[1]:]), f"sample {i} differs"
-        for r in vm.last_record:
-            assert r.to_dict() == dict(records[j], sample=0, image=r.image, source_image=r.source_image)
-            j += 1
-    vm.unwrap()
+    _, images = batch_inputs(processor, prompts)
+    with vlmeff.wrap(model, processor, spec) as vm:  # min_new_tokens: no early EOS, rows stay comparable
+        assert_batch_equals_one_by_one(vm, processor, PROMPTS[: len(images)], images, max_new_tokens=4,
+                                       min_new_tokens=4, do_sample=False)
 
 
 def test_fastv_ranks_grid_tokens_only_and_keeps_every_newline(next_model, saved):
