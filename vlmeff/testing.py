@@ -54,21 +54,37 @@ def build_tokenizer(special_tokens: list[str], vocab_size: int = 400):
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
+def _llava_tokenizer():
+    """The tiny LLaVA families' tokenizer: byte-level BPE with Llama's special tokens and <image>, left padding."""
+    tokenizer = build_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"])
+    tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _tiny_llama_config(tokenizer, max_positions: int):
+    """The tiny LLaVA families' text model: 2 Llama layers, GQA (4 query / 2 key-value heads)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def tiny_llava(vision: str = "clip", image_size: int = 56, patch_size: int = 7, seed: int = 0):
     """A tiny LlavaForConditionalGeneration + LlavaProcessor. vision: "clip" or "dinov2" (both with CLS)."""
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
         Dinov2Config,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
     )
 
-    tokenizer = build_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"])
-    tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
-    tokenizer.padding_side = "left"
+    tokenizer = _llava_tokenizer()
     vision_kwargs = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
         image_size=image_size, patch_size=patch_size,
@@ -79,11 +95,7 @@ def tiny_llava(vision: str = "clip", image_size: int = 56, patch_size: int = 7, 
         vision_config = Dinov2Config(**{k: v for k, v in vision_kwargs.items() if k != "intermediate_size"}, mlp_ratio=2)
     else:
         raise ValueError(f"vision={vision!r}: expected 'clip' or 'dinov2'")
-    text_config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    text_config = _tiny_llama_config(tokenizer, max_positions=512)
     config = LlavaConfig(
         vision_config=vision_config, text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -112,24 +124,17 @@ def tiny_llava_next(image_size: int = 42, patch_size: int = 7, seed: int = 0):
     `tiny_llava`."""
     from transformers import (
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessorPil,
         LlavaNextProcessor,
     )
 
-    tokenizer = build_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"])
-    tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
-    tokenizer.padding_side = "left"
+    tokenizer = _llava_tokenizer()
     pinpoints = [[rows * image_size, cols * image_size] for rows, cols in NEXT_CROP_GRIDS]
     vision_config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                                      image_size=image_size, patch_size=patch_size, projection_dim=32)
-    text_config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    text_config = _tiny_llama_config(tokenizer, max_positions=1024)
     config = LlavaNextConfig(
         vision_config=vision_config, text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
