@@ -803,14 +803,13 @@ def markdown_report(results: dict[str, Any]) -> str:
 def plot_speedups(results: dict[str, Any], path: Path) -> None:
     """Measured prefill speedup vs FLOP ratio (both vs vanilla), one point per strategy row with the 95 % t-interval
     of its paired per-pass speedups, and the y = x line where time falls exactly as FLOPs do."""
-    import textwrap
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vlmeff.eval.runner import short_label
+    from vlmeff.eval.runner import save_figure, short_label
 
     rows = [r for r in results["rows"] if r["spec"] != "vanilla" and math.isfinite(r.get("flop_ratio", math.nan))]
     fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=120)
@@ -835,12 +834,8 @@ def plot_speedups(results: dict[str, Any], path: Path) -> None:
     info, cfg = results["model"], results["config"]
     title = (f"vlmeff bench: {info['name']}, {info['dtype']}, {results['device']}, {info['visual_tokens']} visual + "
              f"{cfg['text_tokens']} text tokens, {cfg['runs']} interleaved passes per strategy")
-    ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, ax, path, title, width=100)
 
 
 def write_outputs(results: dict[str, Any], output: str | Path, argv: Sequence[str]) -> dict[str, Path]:

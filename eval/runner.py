@@ -338,12 +338,26 @@ def write_reports(output: Path, summary: dict, parser: str, metric: str = "f1",
             "plot": plot_path}
 
 
+def save_figure(fig, ax, path: Path, title: str | None, *, width: int = 110, fontsize: int = 8) -> None:
+    """What every vlmeff plot ends with: the title wrapped to `width` characters, the legend outside the axes (it
+    never covers a point), a tight layout, the file written and the figure closed."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    if title:
+        ax.set_title("\n".join(textwrap.wrap(title, width)), fontsize=fontsize)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot(summary: dict, path: Path, metric: str = "f1", title: str | None = None,
          budgets: Sequence[int] | None = None) -> None:
     """Mean `metric` vs visual tokens (log2 axis, ticks at the budgets and vanilla's count), one line per method
     family with 95 % bootstrap intervals as error bars; vanilla dashed with its interval as a band, blind (no image)
     dotted; short legend names outside the axes so that no point is covered."""
-    import textwrap
 
     import matplotlib
 
@@ -400,13 +414,8 @@ def plot(summary: dict, path: Path, metric: str = "f1", title: str | None = None
         ax.minorticks_off()
     ax.set_xlabel("visual tokens per image (layer-averaged inside the LLM; methods dodged slightly apart)")
     ax.set_ylabel(f"POPE mean {METRIC_NAMES.get(metric, metric)} (%), 95% bootstrap CI")
-    if title:
-        ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, ax, path, title)
 
 
 def environment(argv: Sequence[str], seed: int) -> dict:
@@ -707,7 +716,6 @@ def chair_table(summary: dict, setting: str) -> str:
 
 def plot_chair(summary: dict, path: Path, title: str) -> None:
     """CHAIR_S and CHAIR_I per strategy (horizontal bars; CHAIR_S with its 95 % Wilson interval over captions)."""
-    import textwrap
 
     import matplotlib
 
@@ -729,12 +737,8 @@ def plot_chair(summary: dict, path: Path, title: str) -> None:
     ax.set_yticks(list(y), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("% (lower is better)")
-    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=7)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, ax, path, title, width=90, fontsize=7)
 
 
 def run_chair_benchmark(args, argv: Sequence[str]) -> dict[str, Path]:
