@@ -32,23 +32,16 @@ PUBLISHED_MASS = (0.95, 0.90, 0.85, 0.80)
 PUBLISHED_STRIDES = (2, 4, 4, 8)
 
 
-def _floats(text: str | None, name: str, default: tuple) -> tuple:
+def _numbers(text: str | None, name: str, default: tuple, cast: type = float) -> tuple:
+    """Numbers separated by '/' (cast=float: masses; cast=int: layers, strides, where "2.5" or "inf" is an error, not
+    silently 2 or a crash)."""
     if text is None:
         return default
     try:
-        return tuple(float(x) for x in str(text).split("/"))
+        return tuple(cast(x) for x in str(text).split("/"))
     except ValueError:
-        raise StrategyError(f"atp.{name}={text!r}: expected numbers separated by '/' (e.g. 0.95/0.9/0.85/0.8)") from None
-
-
-def _ints(text: str | None, name: str, default: tuple) -> tuple:
-    """Whole numbers separated by '/' (layers, strides): "2.5" or "inf" is an error, not silently 2 or a crash."""
-    if text is None:
-        return default
-    try:
-        return tuple(int(x) for x in str(text).split("/"))
-    except ValueError:
-        raise StrategyError(f"atp.{name}={text!r}: expected whole numbers separated by '/' (e.g. 2/6/12/18)") from None
+        kind, example = ("whole numbers", "2/6/12/18") if cast is int else ("numbers", "0.95/0.9/0.85/0.8")
+        raise StrategyError(f"atp.{name}={text!r}: expected {kind} separated by '/' (e.g. {example})") from None
 
 
 @dataclass
@@ -65,7 +58,7 @@ class ATPScores(LLMPruner):
 
     def __post_init__(self):
         LLMPruner.__post_init__(self)
-        self._points = None if self.points is None else _ints(self.points, "points", ())
+        self._points = None if self.points is None else _numbers(self.points, "points", (), int)
 
     def point_count(self) -> int:
         return len(self._points) if self._points is not None else len(PUBLISHED_POINTS)
@@ -137,8 +130,8 @@ class ATP(ATPScores):
 
     def __post_init__(self):
         ATPScores.__post_init__(self)
-        self._mass = _floats(self.mass, "mass", PUBLISHED_MASS)
-        self._strides = _ints(self.strides, "strides", PUBLISHED_STRIDES)
+        self._mass = _numbers(self.mass, "mass", PUBLISHED_MASS)
+        self._strides = _numbers(self.strides, "strides", PUBLISHED_STRIDES, int)
         count = self.point_count()
         if len(self._mass) != count or len(self._strides) != count:
             raise StrategyError(f"atp: {count} points need {count} mass values and {count} strides "
