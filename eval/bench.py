@@ -160,12 +160,13 @@ def bench_model_config(quick: bool = False):
 
 
 def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchOptionError(f"device={device!r}: CUDA is not available here; use --device cpu")
-    return dev
+    """--device (None: auto) through `vlmeff.loading.resolve_device`, its refusal as a bench option error."""
+    from vlmeff.loading import resolve_device as resolve
+
+    try:
+        return torch.device(resolve(device or "auto"))
+    except ValueError as e:
+        raise BenchOptionError(str(e)) from None
 
 
 def build_bench_model(quick: bool = False, dtype: str = "bfloat16", device: str | torch.device = "cpu",
