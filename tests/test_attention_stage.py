@@ -293,3 +293,27 @@ def test_mma_runs_on_qwen(loaded):
         single = [vm(**make_inputs(processor, [p], [[make_image(21 + i)]])).logits[0, -1]
                   for i, p in enumerate(PROMPTS)]
     torch.testing.assert_close(together, torch.stack(single), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_head_mean_probabilities_equal_a_slow_softmax_per_head(masked):
+    """The chunked, kv-shared head mean (ATP's rows) equals softmax per head by hand, then the mean over heads."""
+    torch.manual_seed(2)
+    q, k = torch.randn(2, 6, 9, 4), torch.randn(2, 3, 9, 4)  # 6 query heads over 3 kv heads
+    mask = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
+    mask[1, :, :, :2] = False  # sample 1 left-padded by two positions
+    inputs = AttentionInputs(q, k, k, mask if masked else None, 0.5)
+    rows = torch.tensor([1, 3, 4, 5, 6, 8])
+    got = inputs.head_mean_probabilities(rows, chunk=4)  # chunks of 4 and 2 rows
+    for b in range(2):
+        for r, row in enumerate(rows.tolist()):
+            allowed = [j <= row and not (masked and b == 1 and j < 2) for j in range(9)]
+            if not any(allowed):
+                allowed[row] = True  # a padding row sees itself (finite, never read)
+            heads = []
+            for h in range(6):
+                a = torch.tensor([float(q[b, h, row] @ k[b, h // 2, j]) * 0.5 if allowed[j] else float("-inf")
+                                  for j in range(9)])
+                heads.append(torch.softmax(a, 0))
+            torch.testing.assert_close(got[b, r], torch.stack(heads).mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, inputs.probabilities(rows).mean(1), rtol=1e-6, atol=1e-7)

@@ -126,6 +126,24 @@ class AttentionInputs:
         """[B, H, R, K] float32 attention probabilities of the query rows `rows` (as the layer computed them)."""
         return torch.softmax(self.logits(rows), dim=-1)
 
+    def head_mean_probabilities(self, rows: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """[B, R, K] float32 attention probabilities of the query rows `rows`, averaged over heads: the same numbers
+        as `probabilities(rows).mean(1)`, computed `chunk` rows at a time with the kv heads shared, not repeated,
+        so that no [B, H, R, K] tensor exists (ATP reads these rows at every pruning point; docs/benchmarks.md)."""
+        batch, heads, _, head_dim = self.query.shape
+        kv_heads, num_keys = self.key.shape[1], self.key.shape[2]
+        groups = heads // kv_heads
+        keys_t = self.key.float().transpose(-1, -2)  # [B, H_kv, hd, K]
+        out = torch.empty(batch, rows.numel(), num_keys, device=self.query.device)
+        for start in range(0, rows.numel(), chunk):
+            part = rows[start:start + chunk]
+            # query heads h = g * groups + j share kv head g: one matmul per kv head over its groups' rows
+            query = self.query[:, :, part].float().view(batch, kv_heads, groups * part.numel(), head_dim)
+            scores = torch.matmul(query, keys_t).view(batch, heads, part.numel(), num_keys).mul_(self.scaling)
+            scores.masked_fill_(~self.allowed(part), float("-inf"))
+            torch.mean(torch.softmax(scores, dim=-1), dim=1, out=out[:, start:start + part.numel()])
+        return out
+
     def sample_row_probabilities(self, rows: torch.Tensor) -> torch.Tensor:
         """[B, H, K] float32 attention probabilities of ONE query row per sample (`rows`: [B] positions)."""
         batch = torch.arange(rows.numel(), device=rows.device)

@@ -77,7 +77,7 @@ class ATPScores(LLMPruner):
             return
         start = min(firsts)
         rows = torch.arange(start, attention.query.shape[2], device=attention.query.device)
-        probs = attention.probabilities(rows).mean(1)  # [B, R, S] mean over heads
+        probs = attention.head_mean_probabilities(rows)  # [B, R, S] mean over heads
         state["scores"] = [None if sample.visual.numel() == 0 else
                            redundancy_scores(probs[b], sample.visual.to(rows.device),
                                              sample.text_after.to(rows.device), start)

@@ -267,7 +267,7 @@ class SoftATP:
         with torch.no_grad():
             rows = torch.arange(start, length, device=query.device)
             attention = AttentionInputs(query, inputs.key, inputs.value, allowed[None, None], scaling)
-            probs = attention.probabilities(rows).mean(1)[0]  # [R, S]
+            probs = attention.head_mean_probabilities(rows)[0]  # [R, S]
             self._scores = redundancy_scores(probs, positions[self.alive], text, start)
 
     def _post_layer(self, index: int):
