@@ -118,30 +118,28 @@ class AttentionInputs:
         return mask | (diagonal & ~mask.any(-1, keepdim=True))
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """[B, H, R, K] float32 scaled scores of the query rows `rows` over all keys, masked positions -inf."""
-        scores = torch.einsum("bhrd,bhsd->bhrs", self.query[:, :, rows].float(), self.keys) * self.scaling
-        return scores.masked_fill(~self.allowed(rows), float("-inf"))
+        """[B, H, R, K] float32 scaled scores of the query rows `rows` over all keys, masked positions -inf (a fresh
+        tensor: callers may edit it in place). Query heads h = g * groups + j share kv head g: one matmul per kv
+        head over its groups' rows, so the keys are never repeated."""
+        batch, heads, _, head_dim = self.query.shape
+        kv_heads, num_keys = self.key.shape[1], self.key.shape[2]
+        query = self.query[:, :, rows].float().view(batch, kv_heads, heads // kv_heads * rows.numel(), head_dim)
+        scores = torch.matmul(query, self.key.float().transpose(-1, -2))  # [B, H_kv, groups * R, K]
+        scores = scores.view(batch, heads, rows.numel(), num_keys).mul_(self.scaling)
+        return scores.masked_fill_(~self.allowed(rows), float("-inf"))
 
     def probabilities(self, rows: torch.Tensor) -> torch.Tensor:
         """[B, H, R, K] float32 attention probabilities of the query rows `rows` (as the layer computed them)."""
         return torch.softmax(self.logits(rows), dim=-1)
 
     def head_mean_probabilities(self, rows: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-        """[B, R, K] float32 attention probabilities of the query rows `rows`, averaged over heads: the same numbers
-        as `probabilities(rows).mean(1)`, computed `chunk` rows at a time with the kv heads shared, not repeated,
-        so that no [B, H, R, K] tensor exists (ATP reads these rows at every pruning point; docs/benchmarks.md)."""
-        batch, heads, _, head_dim = self.query.shape
-        kv_heads, num_keys = self.key.shape[1], self.key.shape[2]
-        groups = heads // kv_heads
-        keys_t = self.key.float().transpose(-1, -2)  # [B, H_kv, hd, K]
-        out = torch.empty(batch, rows.numel(), num_keys, device=self.query.device)
+        """[B, R, K] float32 attention probabilities of the query rows `rows`, averaged over heads: the numbers of
+        `probabilities(rows).mean(1)`, computed `chunk` rows at a time so that no [B, H, R, K] tensor exists (ATP
+        reads these rows at every pruning point; docs/benchmarks.md)."""
+        out = torch.empty(self.query.shape[0], rows.numel(), self.key.shape[2], device=self.query.device)
         for start in range(0, rows.numel(), chunk):
             part = rows[start:start + chunk]
-            # query heads h = g * groups + j share kv head g: one matmul per kv head over its groups' rows
-            query = self.query[:, :, part].float().view(batch, kv_heads, groups * part.numel(), head_dim)
-            scores = torch.matmul(query, keys_t).view(batch, heads, part.numel(), num_keys).mul_(self.scaling)
-            scores.masked_fill_(~self.allowed(part), float("-inf"))
-            torch.mean(torch.softmax(scores, dim=-1), dim=1, out=out[:, start:start + part.numel()])
+            torch.mean(torch.softmax(self.logits(part), dim=-1), dim=1, out=out[:, start:start + part.numel()])
         return out
 
     def sample_row_probabilities(self, rows: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,7 @@ class AIMPrune(LLMPruner):
     def observe(self, layer, attention, view, state) -> None:
         length = attention.query.shape[2]
         rows = torch.arange(length, device=attention.query.device)
-        transition = torch.softmax(attention.logits(rows) / self.temperature, dim=-1)  # [B, H, S, S]
+        transition = torch.softmax(attention.logits(rows).div_(self.temperature), dim=-1)  # [B, H, S, S]
         real = view.valid.float().to(rows.device)  # [B, S] uniform start over the sample's real tokens
         d = (real / real.sum(-1, keepdim=True))[:, None].expand(-1, transition.shape[1], -1)  # [B, H, S]
         for _ in range(self.iterations):
