@@ -15,7 +15,7 @@ from transformers import LlavaForConditionalGeneration
 
 from vlmeff.attention_rows import cls_attention_one_head, cls_attention_row
 from vlmeff.connector import Connector, VisionProbe, grid_boxes
-from vlmeff.connectors.vision_towers import vit_spec
+from vlmeff.connectors.vision_towers import capture_projections, vit_spec
 from vlmeff.kernels import gather_tokens
 from vlmeff.registry import register_connector
 from vlmeff.strategy import NotApplicableError, SelectionRecord, TokenReducer
@@ -135,20 +135,28 @@ class LlavaConnector(Connector):
         num_images, num_tokens, _ = hidden.shape
         # position of each current token in the ORIGINAL sequence ([CLS] = 0, patch j = j + 1)
         positions = torch.arange(num_tokens, device=hidden.device).expand(num_images, -1)  # [I, T]
+        projected: dict = {}  # the running block's own q / k / v outputs (capture_projections)
+
+        def attention_inputs(layer, hidden_in):  # what the block just computed from hidden_in: nothing recomputed
+            return projected["q"], projected["k"], projected["v"], projected["heads"], projected["scale"]
+
         context = {"feature_layer": self.feature_layer, "final_block": self.feature_layer - 1,
-                   "num_patches": num_tokens - 1,
-                   "attention_inputs": self.vit.attention_inputs}
+                   "num_patches": num_tokens - 1, "attention_inputs": attention_inputs}
         states = [dict(context) for _ in strategies]
         per_layer: dict[int, int] = {}
         for block in range(self.feature_layer + 1):
             hidden_in = hidden
-            hidden = layers[block](hidden_in, None)  # CLIPEncoderLayer / Dinov2Layer: (hidden, mask) -> hidden
+            with capture_projections(self.vit, layers[block]) as captured:
+                hidden = layers[block](hidden_in, None)  # CLIPEncoderLayer / Dinov2Layer: (hidden, mask) -> hidden
+            projected.update(captured, q=captured["q"][:, :1])  # only the [CLS] query is read
             for strategy, state in zip(strategies, states):
                 keep = strategy.prune_layer(block, layers[block], hidden_in, hidden, state)
                 if keep is not None:  # [I, T'] ascending, [CLS] (position 0) first
                     hidden = gather_tokens(hidden, keep)
                     positions = gather_tokens(positions, keep)
                     hidden_in = gather_tokens(hidden_in, keep)
+                    for name in ("k", "v"):  # a later strategy of this block scores the kept tokens
+                        projected[name] = gather_tokens(projected[name], keep)
             per_layer[block] = hidden.shape[1] - 1
         features = hidden[:, 1:]  # [I, V', D_vis] feature layer, [CLS] dropped
         return list(features), list(positions[:, 1:] - 1), [dict(per_layer) for _ in range(num_images)]

@@ -8,7 +8,8 @@ q = q_proj(ln1(h))[:, 0] * head_dim^-0.5, k = k_proj(ln1(h)), softmax per head) 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,13 +24,36 @@ class ViTSpec:
     cls_query_keys: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor, int, float]] | None
     # (tower, pixel_values) -> [I, T, D]: the input of block 0, exactly as the tower's own forward computes it
     embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
-    # (layer, layer_input) -> (q_cls, k, v [I, T, H*hd], num_heads, scale): what vision-stage strategies score with
-    attention_inputs: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+    # layer -> (q_proj, k_proj, v_proj, num_heads, scale): the projections whose outputs vision-stage strategies
+    # score with, captured while the block runs (`capture_projections`)
+    projections: Callable[[nn.Module], tuple[nn.Module, nn.Module, nn.Module, int, float]] | None = None
 
     @property
     def runs_layer_by_layer(self) -> bool:
         """True when vision-stage strategies can run inside this tower (explicit block loop)."""
-        return self.has_cls and self.embed is not None and self.attention_inputs is not None
+        return self.has_cls and self.embed is not None and self.projections is not None
+
+
+@contextmanager
+def capture_projections(spec: ViTSpec, layer: nn.Module) -> Iterator[dict]:
+    """While the block `layer` runs inside the `with`, its own q / k / v projection outputs ([I, T, H*hd], [CLS]
+    first) land in the yielded dict ("q", "k", "v", plus "heads" and "scale"): a vision-stage strategy scores with
+    what the block computed instead of recomputing ln1 and the k / v projections of every token (docs/benchmarks.md,
+    FlowCut)."""
+    q_proj, k_proj, v_proj, heads, scale = spec.projections(layer)
+    captured: dict = {"heads": heads, "scale": scale}
+
+    def keeper(name):
+        def hook(module, args, output):
+            captured[name] = output
+        return hook
+
+    handles = [m.register_forward_hook(keeper(n)) for n, m in (("q", q_proj), ("k", k_proj), ("v", v_proj))]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _clip_cls_query_keys(layer, hidden):
@@ -38,10 +62,9 @@ def _clip_cls_query_keys(layer, hidden):
     return attn.q_proj(normed[:, :1]), attn.k_proj(normed), attn.num_heads, attn.scale
 
 
-def _clip_attention_inputs(layer, hidden):
-    normed = layer.layer_norm1(hidden)
+def _clip_projections(layer):
     attn = layer.self_attn
-    return attn.q_proj(normed[:, :1]), attn.k_proj(normed), attn.v_proj(normed), attn.num_heads, attn.scale
+    return attn.q_proj, attn.k_proj, attn.v_proj, attn.num_heads, attn.scale
 
 
 def _clip_embed(tower, pixel_values):
@@ -54,11 +77,9 @@ def _dinov2_cls_query_keys(layer, hidden):
     return attn.q_proj(normed[:, :1]), attn.k_proj(normed), attn.num_attention_heads, attn.scaling
 
 
-def _dinov2_attention_inputs(layer, hidden):
-    normed = layer.norm1(hidden)
+def _dinov2_projections(layer):
     attn = layer.attention
-    return (attn.q_proj(normed[:, :1]), attn.k_proj(normed), attn.v_proj(normed), attn.num_attention_heads,
-            attn.scaling)
+    return attn.q_proj, attn.k_proj, attn.v_proj, attn.num_attention_heads, attn.scaling
 
 
 def _dinov2_embed(tower, pixel_values):
@@ -67,9 +88,9 @@ def _dinov2_embed(tower, pixel_values):
 
 VIT_TOWERS: dict[str, ViTSpec] = {
     "clip_vision_model": ViTSpec(True, lambda tower: tower.encoder.layers, _clip_cls_query_keys,
-                                 _clip_embed, _clip_attention_inputs),
+                                 _clip_embed, _clip_projections),
     "dinov2": ViTSpec(True, lambda tower: tower.encoder.layer, _dinov2_cls_query_keys,
-                      _dinov2_embed, _dinov2_attention_inputs),
+                      _dinov2_embed, _dinov2_projections),
     "siglip_vision_model": ViTSpec(False, lambda tower: tower.encoder.layers, None),
 }
 

@@ -439,7 +439,8 @@ class TokenReducer(Strategy):
         hidden_in / hidden_out: [I, T, D] input and output of the block for all images of the batch ([CLS] first).
         state: one dict per strategy and encode. The connector seeds it with read-only context: "feature_layer"
         (0-based block whose output LLaVA reads), "num_patches" (V before any reduction) and "attention_inputs"
-        ((layer, hidden) -> (q_cls [I, 1, H*hd], k [I, T, H*hd], v [I, T, H*hd], heads, scale)); the strategy
+        ((layer, hidden_in) -> (q_cls [I, 1, H*hd], k [I, T, H*hd], v [I, T, H*hd], heads, scale): what the block
+        itself computed from hidden_in, captured, not recomputed); the strategy
         keeps its own entries (e.g. a cumulative score, which it gathers itself when it prunes).
         Returns the positions to keep, [I, T'] ascending with position 0 ([CLS]) kept and the same T' for every
         image, or None to keep everything.
