@@ -72,6 +72,9 @@ DEFAULT_BUDGETS = (192, 128, 64)
 QUICK_BUDGETS = (24, 16, 8)  # the quick model has 64 visual tokens
 SPEEDUP_TARGET = 0.9  # measured speedup >= 0.9 x FLOP ratio at the smallest budget
 OVERHEAD_TARGET = 0.02  # strategy_s <= 2 % of prefill_s
+BUCKET_PADDING = 0.1  # length buckets of the batch test: padded tokens <= 1.1 x real tokens per batch
+BATCH_THROUGHPUT_TARGET = 1.3  # length-bucketed batches: samples/s >= 1.3 x one by one
+BATCH_PREFILL_TARGET = 1.0  # ... and prefill per sample no slower than one by one
 PREFIX_TOKENS = 6  # text tokens before the first image
 REDUCE_BEFORE_LLM = {"vision", "pre_llm"}
 MIB = 2**20
@@ -507,54 +510,89 @@ def pick_batch_strategy(requested: str | None, smallest_budget: int) -> tuple[st
             f"{fallback}; ragged kept counts from 1 or 2 images per sample")
 
 
+def sub_batch(batch: dict[str, torch.Tensor], images_per_sample: Sequence[int], rows: Sequence[int]
+              ) -> dict[str, torch.Tensor]:
+    """The samples `rows` of a left-padded batch as a batch of their own: their rows, left padding trimmed to the
+    longest of them, and their images (in `rows` order)."""
+    index = torch.tensor(list(rows), device=batch["input_ids"].device)
+    mask = batch["attention_mask"][index]
+    first = int((mask.sum(0) > 0).nonzero()[0])  # columns before it are padding in every row
+    out = {"input_ids": batch["input_ids"][index][:, first:], "attention_mask": mask[:, first:]}
+    starts = [0]
+    for n in images_per_sample:
+        starts.append(starts[-1] + n)
+    images = [batch["pixel_values"][starts[i]:starts[i + 1]] for i in rows if images_per_sample[i]]
+    if images:
+        out["pixel_values"] = torch.cat(images)
+    return out
+
+
 def run_batch_test(model, spec: str, cfg: BenchConfig, bar: tqdm | None = None) -> dict[str, Any]:
-    """Same `batch_size` samples as one left-padded batch and one by one; throughput ratio (samples/s)."""
+    """The same `batch_size` samples three ways, interleaved run by run: as one left-padded batch, as length
+    buckets (`vlmeff.batching.length_batches`, at most BUCKET_PADDING extra padded tokens per batch) and one by one;
+    throughput ratios (samples/s) against one by one."""
+    from vlmeff.batching import length_batches
+
     texts, images = batch_plan(cfg.batch_size, cfg.text_tokens)
     batch = build_inputs(model.config, texts, images, seed=cfg.seed + 1, device=model.device, dtype=model.dtype)
-    singles = []  # the same samples one by one: row i without its left padding, with its own images
-    first_image = 0
-    for i, n_img in enumerate(images):
-        keep = batch["attention_mask"][i].bool()
-        one = {"input_ids": batch["input_ids"][i][keep][None], "attention_mask": batch["attention_mask"][i][keep][None]}
-        if n_img:
-            one["pixel_values"] = batch["pixel_values"][first_image:first_image + n_img]
-        first_image += n_img
-        singles.append(one)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    buckets = length_batches(lengths, cfg.batch_size, max_padding=BUCKET_PADDING)
+    bucketed = [sub_batch(batch, images, rows) for rows in buckets]
+    singles = [sub_batch(batch, images, [i]) for i in range(len(texts))]  # row i without its padding
     for _ in range(cfg.warmup):
         measure_call(model, spec, batch, cfg.new_tokens)
         measure_call(model, spec, singles[0], cfg.new_tokens)
         if bar is not None:
             bar.update(2)
-    batched_calls, sequential = [], []
+    batched_calls, bucket_calls, sequential = [], [], []
     for _ in range(cfg.runs):
         batched_calls.append(measure_call(model, spec, batch, cfg.new_tokens))
-        if bar is not None:
-            bar.update(1)
+        bucket_calls.append([measure_call(model, spec, inputs, cfg.new_tokens) for inputs in bucketed])
         calls = []
         for one in singles:
             calls.append(measure_call(model, spec, one, cfg.new_tokens))
-            if bar is not None:
-                bar.update(1)
         sequential.append(calls)
+        if bar is not None:
+            bar.update(1)
+
+    def total(calls: list[dict], key: str) -> float:
+        return sum(c[key] for c in calls)
+
     batched_s = _median([c["total_s"] for c in batched_calls])
-    one_by_one_s = _median([sum(c["total_s"] for c in calls) for calls in sequential])
+    bucketed_s = _median([total(calls, "total_s") for calls in bucket_calls])
+    one_by_one_s = _median([total(calls, "total_s") for calls in sequential])
     batched_prefill = _median([c["prefill_s"] for c in batched_calls])
-    one_by_one_prefill = _median([sum(c["prefill_s"] for c in calls) for calls in sequential])
+    bucketed_prefill = _median([total(calls, "prefill_s") for calls in bucket_calls])
+    one_by_one_prefill = _median([total(calls, "prefill_s") for calls in sequential])
+    # paired per run: one by one / batched within the same run, with a 95 % interval over runs
+    paired = ratio_interval([total(one, "total_s") / total(calls, "total_s")
+                             for one, calls in zip(sequential, bucket_calls)])
     kept = batched_calls[0]["kept_per_sample"]
     kept_single = [c["kept_per_sample"][0] for c in sequential[0]]
-    equiv_batch = batched_calls[0]["equivalent_total"]
     equiv_single = [c["equivalent_total"] for c in sequential[0]]
     n = cfg.batch_size
+    padded_tokens = [len(rows) * max(lengths[i] for i in rows) for rows in buckets]
     return {
         "spec": spec, "samples": n, "images_per_sample": images, "text_tokens_per_sample": texts,
         "kept_per_sample": kept, "kept_per_sample_one_by_one": kept_single, "ragged": len(set(kept)) > 1,
-        "equivalent_tokens_batched": equiv_batch,
+        "equivalent_tokens_batched": batched_calls[0]["equivalent_total"],
         "equivalent_tokens_one_by_one": sum(equiv_single),
         "new_tokens": cfg.new_tokens, "batched_s": batched_s, "one_by_one_s": one_by_one_s,
         "batched_samples_per_s": n / batched_s, "one_by_one_samples_per_s": n / one_by_one_s,
         "throughput_ratio": one_by_one_s / batched_s,
         "prefill_throughput_ratio": one_by_one_prefill / batched_prefill,
         "batching_wins": bool(one_by_one_s > batched_s),
+        "padding": len(lengths) * max(lengths) / sum(lengths) - 1,
+        "bucketed": {
+            "buckets": buckets, "padding": sum(padded_tokens) / sum(lengths) - 1, "s": bucketed_s,
+            "samples_per_s": n / bucketed_s, "throughput_ratio": one_by_one_s / bucketed_s,
+            "throughput_ratio_paired": paired[0], "throughput_ratio_ci95": [paired[1], paired[2]],
+            "prefill_throughput_ratio": one_by_one_prefill / bucketed_prefill,
+            "throughput_target_met": bool(one_by_one_s / bucketed_s >= BATCH_THROUGHPUT_TARGET),
+            "prefill_target_met": bool(one_by_one_prefill / bucketed_prefill >= BATCH_PREFILL_TARGET),
+            "kept_per_sample": [k for calls in bucket_calls[:1] for c in calls for k in c["kept_per_sample"]],
+            "calls": bucket_calls,
+        },
         "batched_calls": batched_calls, "one_by_one_calls": sequential,
     }
 
@@ -606,7 +644,7 @@ def _run_bench(cfg: BenchConfig) -> dict[str, Any]:
             runnable.append(plan)
         except StrategyError as e:
             skipped[plan.spec] = str(e)
-    batch_calls = (cfg.warmup * 2 + cfg.runs * (1 + cfg.batch_size)) if cfg.batch_size else 0
+    batch_calls = (cfg.warmup * 2 + cfg.runs) if cfg.batch_size else 0  # one tick per run of all three ways
     total = len(runnable) * (cfg.warmup + cfg.runs + 1) + batch_calls
     bar = tqdm(total=total, desc="vlmeff bench", disable=not cfg.progress, file=sys.stderr)
     calls: dict[str, list[dict]] = {p.spec: [] for p in runnable}
@@ -680,9 +718,10 @@ TABLE_COLUMNS = ("strategy", "stage", "kept tokens", "equiv. tokens", "prefill G
                  "prefill ms", "speedup", "speedup / FLOP ratio", "speedup (fastest runs)", "paired speedup (95% CI)",
                  "overhead ms",
                  "overhead %", "decode ms/token", "peak MiB", "peak +MiB", "speedup target", "overhead target")
-BATCH_COLUMNS = ("strategy", "samples", "images / sample", "kept tokens / sample", "text tokens / sample",
-                 "batched s", "one by one s", "batched samples/s", "one by one samples/s", "throughput ratio",
-                 "prefill ratio", "equiv. tokens batched / one by one", "batching wins")
+BATCH_COLUMNS = ("strategy", "batching", "padding", "samples", "images / sample", "kept tokens / sample",
+                 "text tokens / sample", "batched s", "one by one s", "batched samples/s", "one by one samples/s",
+                 "throughput ratio", "prefill ratio", "equiv. tokens batched / one by one", "batching wins",
+                 "throughput target", "prefill target")
 
 
 def _mark(value: bool | None, missing: str = "-") -> str:
@@ -732,22 +771,39 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-def batch_row(batch: dict[str, Any]) -> dict[str, str]:
+def batch_rows(batch: dict[str, Any]) -> list[dict[str, str]]:
+    """Two table rows: one left-padded batch, and the length buckets (with the targets)."""
     def listing(values: Sequence[Any]) -> str:
         return " ".join(str(v) for v in values)
 
-    return {
+    bucketed = batch["bucketed"]
+    low, high = bucketed["throughput_ratio_ci95"]
+    common = {
         "strategy": batch["spec"], "samples": str(batch["samples"]),
         "images / sample": listing(batch["images_per_sample"]), "kept tokens / sample": listing(batch["kept_per_sample"]),
-        "text tokens / sample": listing(batch["text_tokens_per_sample"]), "batched s": f"{batch['batched_s']:.2f}",
-        "one by one s": f"{batch['one_by_one_s']:.2f}", "batched samples/s": f"{batch['batched_samples_per_s']:.3f}",
+        "text tokens / sample": listing(batch["text_tokens_per_sample"]),
+        "one by one s": f"{batch['one_by_one_s']:.2f}",
         "one by one samples/s": f"{batch['one_by_one_samples_per_s']:.3f}",
-        "throughput ratio": f"{batch['throughput_ratio']:.2f}", "prefill ratio": f"{batch['prefill_throughput_ratio']:.2f}",
         "equiv. tokens batched / one by one": (
             "n/a" if batch["equivalent_tokens_batched"] is None or batch["equivalent_tokens_one_by_one"] is None
             else f"{batch['equivalent_tokens_batched']:.1f} / {batch['equivalent_tokens_one_by_one']:.1f}"),
-        "batching wins": _mark(batch["batching_wins"]),
     }
+    padded = {**common, "batching": "one padded batch", "padding": f"{batch['padding']:.0%}",
+              "batched s": f"{batch['batched_s']:.2f}", "batched samples/s": f"{batch['batched_samples_per_s']:.3f}",
+              "throughput ratio": f"{batch['throughput_ratio']:.2f}",
+              "prefill ratio": f"{batch['prefill_throughput_ratio']:.2f}", "batching wins": _mark(batch["batching_wins"]),
+              "throughput target": "-", "prefill target": "-"}
+    buckets = {**common, "batching": f"{len(bucketed['buckets'])} length buckets: "
+               + " / ".join(listing(rows) for rows in bucketed["buckets"]),
+               "padding": f"{bucketed['padding']:.0%}", "batched s": f"{bucketed['s']:.2f}",
+               "batched samples/s": f"{bucketed['samples_per_s']:.3f}",
+               "throughput ratio": f"{bucketed['throughput_ratio']:.2f} (paired {bucketed['throughput_ratio_paired']:.2f}, "
+                                   f"{low:.2f}-{high:.2f})",
+               "prefill ratio": f"{bucketed['prefill_throughput_ratio']:.2f}",
+               "batching wins": _mark(bucketed["throughput_ratio"] > 1),
+               "throughput target": _mark(bucketed["throughput_target_met"]),
+               "prefill target": _mark(bucketed["prefill_target_met"])}
+    return [padded, buckets]
 
 
 def _markdown(rows: list[dict[str, str]], columns: Sequence[str]) -> list[str]:
@@ -790,11 +846,15 @@ def markdown_report(results: dict[str, Any]) -> str:
     if b is not None and "error" in b:
         lines += ["", f"Batch test with `{b['spec']}` failed: {b['error']}"]
     elif b is not None:
-        lines += ["", "Batch test (same samples as one left-padded batch vs one by one, "
-                  f"{b['new_tokens']} new tokens each; {b['why']}):", ""]
-        lines += _markdown([batch_row(b)], BATCH_COLUMNS)
+        lines += ["", "Batch test (the same samples as one left-padded batch, as length buckets and one by one, "
+                  f"interleaved run by run, {b['new_tokens']} new tokens each; {b['why']}):", ""]
+        lines += _markdown(batch_rows(b), BATCH_COLUMNS)
         lines += ["", "throughput ratio = batched samples/s / one-by-one samples/s (wall time of the generate calls, "
-                  "prepare included); prefill ratio: the same for prefill time only; target: batching wins (ratio > 1)."]
+                  "prepare included; paired: the geometric mean of the per-run ratios with its 95 % interval); "
+                  "prefill ratio: the same for prefill time only; padding = padded / real tokens - 1; length buckets: "
+                  f"`vlmeff.batching.length_batches` with at most {BUCKET_PADDING:.0%} padding per batch; targets "
+                  f"(length buckets): throughput ratio >= {BATCH_THROUGHPUT_TARGET}, prefill ratio >= "
+                  f"{BATCH_PREFILL_TARGET}."]
     load = results["load_average"]
     if load["start"] is not None:
         lines += ["", f"Load average (1 min) at start / end: {load['start'][0]:.2f} / {load['end'][0]:.2f}."]

@@ -62,6 +62,65 @@ def test_batch_is_ragged_and_matches_one_by_one(results):
     assert batch["kept_per_sample"] == [8, 16] == batch["kept_per_sample_one_by_one"] and batch["ragged"]
     assert batch["throughput_ratio"] > 0 and isinstance(batch["batching_wins"], bool)
     assert batch["equivalent_tokens_batched"] == batch["equivalent_tokens_one_by_one"] == 24
+    bucketed = batch["bucketed"]  # 1 image (64 + 40 tokens) and 2 images (128 + 51): too ragged for one bucket
+    assert bucketed["buckets"] == [[0], [1]] and bucketed["padding"] == 0
+    assert bucketed["kept_per_sample"] == [8, 16] and len(bucketed["calls"]) == 1 and len(bucketed["calls"][0]) == 2
+    low, high = bucketed["throughput_ratio_ci95"]
+    assert isinstance(bucketed["throughput_target_met"], bool) and (low <= high or low != low)
+
+
+def brute_force_batches(lengths, batch_size, max_padding):
+    """The rule spelled out: walk the stably sorted samples, open a new batch when the current one is full or
+    would pad more than max_padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches = []
+    for i in order:
+        if batches:
+            candidate = batches[-1] + [i]
+            padded = len(candidate) * max(lengths[j] for j in candidate)
+            real = sum(lengths[j] for j in candidate)
+            if len(candidate) <= batch_size and (max_padding is None or padded <= (1 + max_padding) * real):
+                batches[-1] = candidate
+                continue
+        batches.append([i])
+    return batches
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("max_padding", [None, 0.0, 0.1, 0.5])
+def test_length_batches_follow_the_rule(seed, max_padding):
+    from vlmeff.batching import length_batches
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(10, 40, (23,), generator=gen).tolist() + [616, 1200, 640, 1230]
+    got = length_batches(lengths, 4, max_padding)
+    assert got == brute_force_batches(lengths, 4, max_padding)
+    assert sorted(i for b in got for i in b) == list(range(len(lengths)))  # every sample exactly once
+
+
+def test_length_batches_refuse_bad_arguments():
+    from vlmeff.batching import length_batches
+
+    with pytest.raises(ValueError, match="batch_size=0"):
+        length_batches([3, 4], 0)
+    with pytest.raises(ValueError, match="max_padding=-0.1"):
+        length_batches([3, 4], 2, -0.1)
+    assert length_batches([], 3) == []
+    assert length_batches([5, 5, 9, 9], 8, 0.0) == [[0, 1], [2, 3]]  # equal lengths pad nothing
+
+
+def test_sub_batch_trims_padding_and_takes_the_rows_images():
+    from vlmeff.eval.bench import sub_batch
+
+    config = bench_model_config(quick=True)
+    texts, images = [40, 51, 45], [1, 2, 0]
+    batch = build_inputs(config, texts, images, seed=3)
+    part = sub_batch(batch, images, [2, 0])
+    per_image = visual_tokens_per_image(config)
+    assert part["input_ids"].shape[1] == max(45, 40 + per_image)  # the longer of the two, no extra padding
+    assert torch.equal(part["input_ids"][1], batch["input_ids"][0][-part["input_ids"].shape[1]:])
+    assert torch.equal(part["pixel_values"], batch["pixel_values"][:1])  # sample 2 has no image, sample 0 image 0
+    assert torch.equal(sub_batch(batch, images, [1])["pixel_values"], batch["pixel_values"][1:3])
 
 
 def test_batch_strategy_choice():

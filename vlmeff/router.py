@@ -117,29 +117,44 @@ class AttentionInputs:
         diagonal = torch.arange(num, device=rows.device)[None, :] == rows[:, None] + offset  # [R, K]
         return mask | (diagonal & ~mask.any(-1, keepdim=True))
 
-    def logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """[B, H, R, K] float32 scaled scores of the query rows `rows` over all keys, masked positions -inf (a fresh
-        tensor: callers may edit it in place). Query heads h = g * groups + j share kv head g: one matmul per kv
-        head over its groups' rows, so the keys are never repeated."""
+    def logits(self, rows: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, H, R, K'] float32 scaled scores of the query rows `rows` over the first K' keys, masked positions -inf
+        (a fresh tensor: callers may edit it in place). allowed: `allowed(rows)`, possibly cut to its first K' key
+        columns (default: all K keys). Query heads h = g * groups + j share kv head g: one matmul per kv head over
+        its groups' rows, so the keys are never repeated."""
+        allowed = self.allowed(rows) if allowed is None else allowed
         batch, heads, _, head_dim = self.query.shape
-        kv_heads, num_keys = self.key.shape[1], self.key.shape[2]
+        kv_heads, num_keys = self.key.shape[1], allowed.shape[-1]
         query = self.query[:, :, rows].float().view(batch, kv_heads, heads // kv_heads * rows.numel(), head_dim)
-        scores = torch.matmul(query, self.key.float().transpose(-1, -2))  # [B, H_kv, groups * R, K]
-        scores = scores.view(batch, heads, rows.numel(), num_keys).mul_(self.scaling)
-        return scores.masked_fill_(~self.allowed(rows), float("-inf"))
+        keys_t = self.key[:, :, :num_keys].float().transpose(-1, -2)  # [B, H_kv, hd, K']
+        scores = torch.matmul(query, keys_t).view(batch, heads, rows.numel(), num_keys).mul_(self.scaling)
+        return scores.masked_fill_(~allowed, float("-inf"))
 
     def probabilities(self, rows: torch.Tensor) -> torch.Tensor:
         """[B, H, R, K] float32 attention probabilities of the query rows `rows` (as the layer computed them)."""
         return torch.softmax(self.logits(rows), dim=-1)
 
-    def head_mean_probabilities(self, rows: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-        """[B, R, K] float32 attention probabilities of the query rows `rows`, averaged over heads: the numbers of
-        `probabilities(rows).mean(1)`, computed `chunk` rows at a time so that no [B, H, R, K] tensor exists (ATP
-        reads these rows at every pruning point; docs/benchmarks.md)."""
-        out = torch.empty(self.query.shape[0], rows.numel(), self.key.shape[2], device=self.query.device)
+    def probability_chunks(self, rows: torch.Tensor, chunk: int = 64, temperature: float = 1.0):
+        """Yields (start, horizon, probs [B, H, r, horizon] float32): the softmax of (scaled scores / temperature) of
+        the query rows rows[start:start + r], `chunk` rows at a time, over the keys up to the last one any of those
+        rows may attend (about half the keys under a causal mask; later keys have probability exactly 0). Readers of
+        many attention rows (ATP, AIM's PageRank) never hold a [B, H, R, K] tensor of zeros."""
         for start in range(0, rows.numel(), chunk):
             part = rows[start:start + chunk]
-            torch.mean(torch.softmax(self.logits(part), dim=-1), dim=1, out=out[:, start:start + part.numel()])
+            allowed = self.allowed(part)  # [B, 1, r, K]
+            horizon = int(allowed.flatten(0, 2).any(0).nonzero().max()) + 1
+            scores = self.logits(part, allowed[..., :horizon])
+            if temperature != 1.0:
+                scores.div_(temperature)
+            yield start, horizon, torch.softmax(scores, dim=-1)
+
+    def head_mean_probabilities(self, rows: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """[B, R, K] float32 attention probabilities of the query rows `rows`, averaged over heads: the numbers of
+        `probabilities(rows).mean(1)`, computed by `probability_chunks` (ATP reads these rows at every pruning point;
+        docs/benchmarks.md)."""
+        out = torch.zeros(self.query.shape[0], rows.numel(), self.key.shape[2], device=self.query.device)
+        for start, horizon, probs in self.probability_chunks(rows, chunk):
+            torch.mean(probs, dim=1, out=out[:, start:start + probs.shape[2], :horizon])
         return out
 
     def sample_row_probabilities(self, rows: torch.Tensor) -> torch.Tensor:

@@ -69,11 +69,16 @@ class AIMPrune(LLMPruner):
     def observe(self, layer, attention, view, state) -> None:
         length = attention.query.shape[2]
         rows = torch.arange(length, device=attention.query.device)
-        transition = torch.softmax(attention.logits(rows).div_(self.temperature), dim=-1)  # [B, H, S, S]
+        # M [B, H, S, S] in row blocks, each only up to its last attendable key (M is zero beyond)
+        blocks = list(attention.probability_chunks(rows, temperature=self.temperature))
         real = view.valid.float().to(rows.device)  # [B, S] uniform start over the sample's real tokens
-        d = (real / real.sum(-1, keepdim=True))[:, None].expand(-1, transition.shape[1], -1)  # [B, H, S]
-        for _ in range(self.iterations):
-            d = torch.einsum("bhs,bhst->bht", d, transition)
+        d = (real / real.sum(-1, keepdim=True))[:, None].expand(-1, attention.query.shape[1], -1)  # [B, H, S]
+        for _ in range(self.iterations):  # d <- d M, block by block: d M = sum_blocks d[rows] M[rows, :horizon]
+            step = torch.zeros_like(d)
+            for start, horizon, block in blocks:
+                part = d[:, :, None, start:start + block.shape[2]]  # [B, H, 1, r]
+                step[:, :, :horizon] += torch.matmul(part, block)[:, :, 0]
+            d = step
         state["importance"] = d.pow(2).mean(1).sqrt()  # [B, S]
 
     def select(self, layer, view, state) -> list[torch.Tensor | None]:
