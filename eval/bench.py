@@ -922,6 +922,8 @@ def run_bench_cli(args, argv: Sequence[str]) -> dict[str, Path]:
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.force:
         raise FileExistsError(f"output folder {output} is not empty: pass --force to overwrite, or a new --output")
+    if args.kernels:
+        return run_kernel_bench_cli(args, output, argv)
     budgets = None
     if args.budgets:
         try:
@@ -935,6 +937,31 @@ def run_bench_cli(args, argv: Sequence[str]) -> dict[str, Path]:
                       text_tokens=args.text_tokens, seed=args.seed, save=args.save)
     results = run_bench(cfg)
     paths = write_outputs(results, output, argv)
+    print(paths["table"].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return paths
+
+
+def run_kernel_bench_cli(args, output: Path, argv: Sequence[str]) -> dict[str, Path]:
+    """`vlmeff bench --kernels`: the token gather's bandwidth (vlmeff.eval.kernel_bench) instead of the model bench."""
+    from vlmeff.eval.kernel_bench import QUICK_SHAPES, SHAPES, kernel_table, run_kernel_bench
+    from vlmeff.loading import DTYPES
+
+    if args.dtype not in DTYPES or args.dtype == "auto":
+        raise BenchOptionError(f"--dtype={args.dtype!r}: expected bfloat16, float16 or float32")
+    device = resolve_device(args.device)
+    threads_before = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        results = run_kernel_bench(device, DTYPES[args.dtype], runs=args.runs,
+                                   shapes=QUICK_SHAPES if args.quick else SHAPES)
+    finally:
+        torch.set_num_threads(threads_before)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {"table": output / "kernels.md", "results": output / "kernels.json"}
+    paths["table"].write_text(kernel_table(results))
+    paths["results"].write_text(json.dumps({**results, "command": list(argv)}, indent=1))
     print(paths["table"].read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return paths

@@ -196,3 +196,19 @@ def test_cli_parses_and_refuses_bad_values(tmp_path, capsys):
     assert main(["bench", "--quick", "--budgets", "a,b", "--output", str(tmp_path / "b")]) == 2
     assert "--budgets='a,b'" in capsys.readouterr().err
     assert main(["bench", "--quick", "--strategy", "nosuch", "--output", str(tmp_path / "c")]) == 2
+
+
+def test_kernel_bench_reports_bandwidth(tmp_path, capsys):
+    """`vlmeff bench --kernels` on the CPU: torch rows with bytes, GB/s and the copy reference; Triton named as not
+    measured (it needs CUDA); files written."""
+    from vlmeff.eval.kernel_bench import kernel_table, run_kernel_bench
+
+    results = run_kernel_bench(torch.device("cpu"), torch.float32, runs=1, shapes=((2, 10, 8, 4),))
+    (row,) = results["rows"]
+    assert row["backend"] == "torch" and row["bytes"] == 2 * 2 * 4 * 8 * 4 + 2 * 4 * 8
+    assert row["gb_per_s"] > 0 and row["of_peak"] is None and "triton" in results["skipped"]
+    assert "| torch | 2 x 10 x 8 -> 4 |" in kernel_table(results)
+    out = tmp_path / "k"
+    assert main(["bench", "--kernels", "--quick", "--dtype", "float32", "--runs", "1", "--device", "cpu", "--output", str(out)]) == 0
+    assert (out / "kernels.md").exists() and json.loads((out / "kernels.json").read_text())["rows"]
+    assert "GB/s" in capsys.readouterr().out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -223,3 +225,22 @@ def test_timings_add_up(loaded, spec, batched):
     assert 0 < s.prefill_s <= s.total_s
     assert s.prefill_s == pytest.approx(s.encode_s + (s.strategy_s - s.llm_strategy_s) + s.llm_prefill_s)
     assert 0 <= s.llm_strategy_s <= s.llm_prefill_s and s.llm_strategy_s <= s.strategy_s
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events need a CUDA device")
+@pytest.mark.parametrize("spec", ["vanilla", "atp:points=0,mass=0.6,strides=4"])
+def test_cuda_timings_come_from_events_and_add_up(loaded, spec):
+    """On CUDA every time is read from events after the call (vlmeff.timing.Clock), and the identities still hold."""
+    from vlmeff.timing import Clock
+
+    model, processor = loaded("llava-clip")
+    model = copy.deepcopy(model).cuda()
+    inputs = {k: v.cuda() for k, v in make_inputs(processor, PROMPTS[:1], [[make_image(5)]]).items()}
+    with vlmeff.wrap(model, processor, spec) as vm:
+        assert vm._clock.cuda and isinstance(vm._clock.now(), torch.cuda.Event)
+        greedy(vm.generate, inputs, n=3)
+        s = vm.stats
+    assert Clock("cuda").cuda and not Clock("cpu").cuda
+    assert 0 < s.prefill_s <= s.total_s and s.llm_prefill_s > 0
+    assert s.prefill_s == pytest.approx(s.encode_s + (s.strategy_s - s.llm_strategy_s) + s.llm_prefill_s)
+    assert 0 <= s.llm_strategy_s <= s.llm_prefill_s

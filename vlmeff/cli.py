@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--force", action="store_true", help="overwrite a non-empty --output")
     bench.add_argument("--save", default=None, help="also save_pretrained the built model to this folder")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--kernels", action="store_true", help="measure the token gather kernels' memory bandwidth "
+                       "(Triton on CUDA, torch) against the device's peak instead of the model (kernels.md)")
     bench.set_defaults(fn=_cmd_bench)
 
     cal = sub.add_parser("calibrate", help="tune the shift of atp (added to its masses) or atp-learned (subtracted "

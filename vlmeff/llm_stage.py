@@ -20,7 +20,6 @@ Backends: sdpa and eager (the router runs them); flash attention is refused, as 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +30,7 @@ from vlmeff.kernels import compact, gather_tokens
 from vlmeff.layout import TokenLayout
 from vlmeff.router import AttentionInputs, Router
 from vlmeff.strategy import NotApplicableError
+from vlmeff.timing import Clock, Spans
 
 __all__ = ["AttentionInputs", "LLMSession", "PrefillView", "SampleTokens"]
 
@@ -88,8 +88,8 @@ class LLMSession:
         self.layout0 = layout
         self.images = images
         # the strategies' own work inside the LLM forward, by phase (the prefill part is inside the prefill's time)
-        self.prefill_strategy_s = 0.0
-        self.decode_strategy_s = 0.0
+        self.clock = Clock(model.device)
+        self._prefill_spans, self._decode_spans = Spans(self.clock), Spans(self.clock)
         self.layer_lengths: list[list[int]] = []  # [B][L] real tokens entering each layer
         self.layer_visual: list[list[int]] = []  # [B][L] visual tokens entering each layer
         lm = model.model.language_model
@@ -178,12 +178,17 @@ class LLMSession:
     def prefill(self) -> bool:
         return self.router.phase == "prefill"
 
-    def _spent(self, start: float) -> None:
-        """Book the time since `start` as strategy work of the current phase."""
-        if self.prefill:
-            self.prefill_strategy_s += time.perf_counter() - start
-        else:
-            self.decode_strategy_s += time.perf_counter() - start
+    def _spent(self, start) -> None:
+        """Book the time since `start` (a `Clock` point) as strategy work of the current phase."""
+        (self._prefill_spans if self.prefill else self._decode_spans).add(start)
+
+    @property
+    def prefill_strategy_s(self) -> float:
+        return self._prefill_spans.seconds
+
+    @property
+    def decode_strategy_s(self) -> float:
+        return self._decode_spans.seconds
 
     def _on_llm_call(self, phase: str, kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
@@ -201,7 +206,7 @@ class LLMSession:
         self._segments, self._layer_segment = {}, [None] * self.num_layers
         self._set_current(self.layout0)
         if self.attention:
-            start = time.perf_counter()
+            start = self.clock.now()
             prefill_mask = self.mask_of(self.layout0)
             if prefill_mask is not None:
                 kwargs["attention_mask"] = prefill_mask  # a 4-D mask is used as is by transformers
@@ -210,7 +215,7 @@ class LLMSession:
     # --- hooks ----------------------------------------------------------------------------------------------------
     def _observer(self, strategy):
         def observe(layer: int, attention: AttentionInputs) -> None:
-            start = time.perf_counter()
+            start = self.clock.now()
             strategy.observe(layer, attention, self.current_view(), self.states[id(strategy)])
             self._spent(start)
         return observe
@@ -275,7 +280,7 @@ class LLMSession:
         def hook(module, args, kwargs, output):
             if not self.prefill:
                 return None
-            start = time.perf_counter()
+            start = self.clock.now()
             hidden = output[0] if isinstance(output, tuple) else output  # [B, S_cur, D]
             valid = self.layout.valid
             keep = valid.clone()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,6 +39,7 @@ from vlmeff.strategy import (
     StrategyError,
     TokenReducer,
 )
+from vlmeff.timing import Clock
 
 # Keys of processor output that describe the prompt and images (everything else goes to generate as is).
 INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes",
@@ -117,7 +117,8 @@ class VLMWrapper:
             )
         self.last_record: list[SelectionRecord] = []
         self.stats = RunStats()
-        self._prefill_start: float | None = None
+        self._clock = Clock(model.device)
+        self._marks: dict[str, Any] = {}  # the current call's clock points (vlmeff.timing)
         self._hooks = [
             model.model.language_model.register_forward_pre_hook(self._on_llm_start, with_kwargs=True),
             model.model.language_model.register_forward_hook(self._on_llm_end, with_kwargs=True),
@@ -147,22 +148,28 @@ class VLMWrapper:
         return describe(self.strategies)
 
     # --- timing hooks (the first prefill of a call, known from its empty cache) -------------------------------
-    def _sync(self):
-        if self.model.device.type == "cuda":
-            torch.cuda.synchronize()
-
     def _on_llm_start(self, module, args, kwargs):
         self._timing = call_phase(kwargs) == "prefill" and self._prefills == 0
         if self._timing:
             self._prefills += 1
-            self._sync()
-            self._prefill_start = time.perf_counter()
+            self._marks["llm_start"] = self._clock.now()
 
     def _on_llm_end(self, module, args, kwargs, output):
-        if self._timing and self._prefill_start is not None:
+        if self._timing and "llm_start" in self._marks:
             self._timing = False
-            self._sync()
-            self.stats.llm_prefill_s = time.perf_counter() - self._prefill_start
+            self._marks["llm_end"] = self._clock.now()
+
+    def _finish_times(self, start, end) -> None:
+        """RunStats' times from the call's clock points (CUDA: read once, after the call; vlmeff.timing)."""
+        stats, marks, seconds = self.stats, self._marks, self._clock.seconds
+        stats.total_s = seconds(start, end)
+        if "llm_end" in marks:
+            stats.llm_prefill_s = seconds(marks["llm_start"], marks["llm_end"])
+        if self._session is not None:
+            stats.llm_strategy_s = self._session.prefill_strategy_s
+            stats.decode_strategy_s = self._session.decode_strategy_s
+            stats.strategy_s += stats.llm_strategy_s
+        stats.prefill_s = stats.encode_s + (stats.strategy_s - stats.llm_strategy_s) + stats.llm_prefill_s
 
     # --- the pipeline ------------------------------------------------------------------------------------------
     def prepare(self, frames: Sequence[int | None] | None = None, **inputs) -> dict[str, Any]:
@@ -176,11 +183,13 @@ class VLMWrapper:
         self.last_record = []
         self._session = None
         self._plan = None
+        self._clock = Clock(self.model.device)
+        self._marks = {}
         if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None:  # text only
             self.stats.text_tokens = int(_mask(inputs).sum())
             self._count(inputs, [], [])
             return {k: v for k, v in inputs.items() if v is not None}
-        t0 = time.perf_counter()
+        start = self._clock.now()
         with torch.no_grad():
             decoding = [s for s in self.strategies if s.stage is Stage.DECODING]
             if decoding:  # contrast branches: extra rows of the same batch
@@ -190,14 +199,13 @@ class VLMWrapper:
             vision = [s for s in self.strategies if s.stage is Stage.VISION]
             slots, images = self.connector.prepare_tokens(inputs, vision)  # vision-stage strategies prune inside
             images = self._mark_frames(inputs, slots, images, frames)
-            self._sync()
-            t1 = time.perf_counter()
+            encoded = self._clock.now()
             images = self._attach_prompts(inputs, images)
             images = self._pre_llm(images)
             model_kwargs = self.connector.assemble(inputs, slots, images, self.positions)
-            self._sync()
-        t2 = time.perf_counter()
-        self.stats.encode_s, self.stats.strategy_s = t1 - t0, t2 - t1
+            assembled = self._clock.now()
+        self.stats.encode_s = self._clock.seconds(start, encoded)  # CUDA: waits for the encoder and the splice
+        self.stats.strategy_s = self._clock.seconds(encoded, assembled)
         records = [img.finish_record() for img in images]
         self.last_record = [r for r in records if r.sample < self._main_rows(inputs)]
         self._layout = self.connector.layout(model_kwargs, images)  # what reaches the LLM: counts, masks, positions
@@ -309,9 +317,6 @@ class VLMWrapper:
             return fn(*args, **kwargs)
         with session:
             out = fn(*args, **kwargs)
-        self.stats.llm_strategy_s = session.prefill_strategy_s
-        self.stats.decode_strategy_s = session.decode_strategy_s
-        self.stats.strategy_s += session.prefill_strategy_s
         self._count(self._inputs, self._slots, self._images, session.layer_lengths)
         main = self._main_rows(self._inputs)
         self.stats.per_sample_equivalent_tokens = session.per_sample_equivalent_tokens()[:main]
@@ -365,7 +370,7 @@ class VLMWrapper:
     def __call__(self, **inputs):
         """One forward (prefill) of the reduced batch; returns the model's output (logits over the reduced sequence)."""
         frames = inputs.pop("frames", None)
-        t0 = time.perf_counter()
+        start = Clock(self.model.device).now()
         model_kwargs = self.prepare(frames, **{k: v for k, v in inputs.items() if k in INPUT_KEYS})
         extra = {k: v for k, v in inputs.items() if k not in INPUT_KEYS}
         self._prefills = 0
@@ -376,10 +381,7 @@ class VLMWrapper:
             logits = out.logits[: plan.rows].clone()
             logits[:, -1] = plan.combined(out.logits[:, -1].float())[: plan.rows].to(logits.dtype)
             out.logits = logits
-        self._sync()
-        stats = self.stats
-        stats.prefill_s = stats.encode_s + (stats.strategy_s - stats.llm_strategy_s) + stats.llm_prefill_s  # logits over all positions
-        stats.total_s = time.perf_counter() - t0
+        self._finish_times(start, self._clock.now())  # prefill: logits over all positions
         return out
 
     forward = __call__
@@ -388,17 +390,15 @@ class VLMWrapper:
         """Like `model.generate(**processor_outputs, **generation_kwargs)`, with the strategies applied."""
         inputs = {k: kwargs.pop(k) for k in INPUT_KEYS if k in kwargs}
         frames = kwargs.pop("frames", None)
-        t0 = time.perf_counter()
+        start = Clock(self.model.device).now()
         model_kwargs = self.prepare(frames, **inputs)
         plan = self._plan
         if plan is not None:
             self._branch_generate_kwargs(plan, kwargs)
         self._prefills = 0
         out = self._run_llm(self.model.generate, **model_kwargs, **kwargs)
-        self._sync()
+        self._finish_times(start, self._clock.now())
         stats = self.stats
-        stats.total_s = time.perf_counter() - t0
-        stats.prefill_s = stats.encode_s + (stats.strategy_s - stats.llm_strategy_s) + stats.llm_prefill_s
         sequences = out.sequences if hasattr(out, "sequences") else out
         rows = inputs["input_ids"].shape[0]
         new = sequences[:rows, model_kwargs["input_ids"].shape[1]:]  # the caller's rows (branch rows follow them)
