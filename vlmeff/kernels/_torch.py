@@ -20,6 +20,8 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, fill: torch.Tensor) -> t
     k = index.shape[1]
     if n == 0:  # every slot is padding (validated by the caller); torch.gather cannot index an empty dim
         return fill.expand(b, k, d).clone()
-    pad = index.lt(0).unsqueeze(-1)  # [B, K, 1]
-    src = index.clamp(min=0).unsqueeze(-1).expand(b, k, d)  # [B, K, D]
-    return torch.where(pad, fill, torch.gather(x, 1, src))
+    # whole rows through index_select over the flattened batch: about 20 x faster than torch.gather with an index
+    # expanded over D on the CPU, which moves one element at a time (`vlmeff bench --kernels`)
+    rows = index.clamp(min=0) + torch.arange(b, device=index.device)[:, None] * n  # [B, K] rows of x as [B * N, D]
+    out = x.reshape(b * n, d).index_select(0, rows.reshape(-1)).view(b, k, d)  # reshape copies only non-viewable x
+    return out.masked_fill_(index.lt(0).unsqueeze(-1), fill)
