@@ -524,7 +524,9 @@ def eval_splits(args, present: Sequence[str]) -> list[str]:
 
 def run_budgets(args, model_name: str) -> list[int]:
     """--budgets, or the default: 128,64,32 on the 256-token reference model, 192,128,64 otherwise."""
-    default_budgets = "128,64,32" if model_name == "reference" else "192,128,64"
+    from vlmeff.loading import is_reference
+
+    default_budgets = "128,64,32" if is_reference(model_name) else "192,128,64"
     try:
         budgets = [int(b) for b in (args.budgets or default_budgets).split(",")]
     except ValueError:
@@ -566,13 +568,13 @@ def eval_settings(args, benchmark: str, model_name: str, **extra) -> dict:
     seeded per batch), plus the benchmark's own (`extra`: splits, limit, parser, prompt, max new tokens). The
     strategies are not among them: each spec has its own samples file, so a resume may add or drop specs; nor is
     the device (it changes round-off, not the configuration)."""
-    from vlmeff.loading import REFERENCE
+    from vlmeff.loading import is_reference
 
     def where(value):
         return None if value is None else str(Path(value).resolve()) if Path(value).exists() else str(value)
 
     aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    return {"benchmark": benchmark, "model": model_name if model_name == REFERENCE else where(model_name),
+    return {"benchmark": benchmark, "model": model_name if is_reference(model_name) else where(model_name),
             "data": where(args.data), "image_dir": where(args.image_dir), "dtype": aliases.get(args.dtype, args.dtype),
             "generation": generation_kwargs(args), "seed": args.seed, "batch_size": args.batch_size, **extra}
 

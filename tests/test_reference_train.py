@@ -43,14 +43,14 @@ def test_chatml_labels_supervise_only_answers():
                    "<|im_start|>user\nIs there a moon?<|im_end|>\n<|im_start|>assistant\nNo<|im_end|>\n"
 
 
-def _train(out, steps, resume_from_steps=None):
+def _train(out, steps, resume_from_steps=None, attention=None):
     if resume_from_steps:
         model, processor = tiny_parts()
         Trainer(model, processor, TrainConfig(out=str(out), steps=resume_from_steps, num_scenes=5, warmup=2,
-                                              checkpoint_every=2, reference=REF)).train()
+                                              checkpoint_every=2, reference=REF, attention=attention)).train()
     model, processor = tiny_parts()
     trainer = Trainer(model, processor, TrainConfig(out=str(out), steps=steps, num_scenes=5, warmup=2,
-                                                    checkpoint_every=2, reference=REF))
+                                                    checkpoint_every=2, reference=REF, attention=attention))
     trainer.train()
     return trainer
 
@@ -96,3 +96,61 @@ def test_init_from_asset_restores_the_trained_weights(tmp_path):
     exported, original = fresh.export(), trainer.export()
     assert exported.keys() == original.keys()
     assert all(torch.equal(exported[k], original[k]) for k in original)
+
+
+# --- attention variants (issue 17): the strategy in every training forward -----------------------------------
+def _prompt_inputs(processor, seed=0):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    image = Image.fromarray((torch.rand(56, 56, 3, generator=gen) * 255).byte().numpy())
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a moon?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(images=[image], text=[text], return_tensors="pt")
+
+
+@pytest.mark.parametrize("spec", ["cca", "mma", "naavit"])
+def test_training_forward_equals_inference_forward(spec):
+    """train_forward (features from the model's own forward, with gradients) gives the logits of the inference
+    forward under the same masks / positions, differs from plain causal attention, and trains the projector."""
+    import vlmeff
+
+    model, processor = tiny_parts()
+    inputs = _prompt_inputs(processor)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    with vlmeff.wrap(model, processor, spec) as vm:
+        with torch.no_grad():
+            inference = vm(**inputs).logits
+        model.model.multi_modal_projector.requires_grad_(True)
+        trained = vm.train_forward(**inputs).logits
+        trained[0, -1].logsumexp(-1).backward()
+    torch.testing.assert_close(trained.detach(), inference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(inference, plain, atol=1e-4)  # the strategy was active in both
+    grad = model.model.multi_modal_projector.linear_1.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_attention_fine_tune_resumes_exactly_and_refuses_other_stages(tmp_path):
+    straight = _train(tmp_path / "a", steps=3, attention="cca")
+    resumed = _train(tmp_path / "b", steps=3, resume_from_steps=2, attention="cca")
+    for name, p in straight.params.items():
+        assert torch.equal(p, resumed.params[name]), name
+    control = _train(tmp_path / "c", steps=3, attention="none")  # same data, steps, lrs and seed; causal attention
+    assert any(not torch.equal(p, control.params[n]) for n, p in straight.params.items())
+    with pytest.raises(ValueError, match="attention"):  # a run keeps its variant
+        _train(tmp_path / "b", steps=4, attention="mma")
+    from vlmeff.strategy import StrategyError
+
+    for spec in ("fastv", "vcd"):
+        with pytest.raises(StrategyError, match="not a mask / position strategy"):
+            model, processor = tiny_parts()
+            Trainer(model, processor, TrainConfig(out=str(tmp_path / spec), reference=REF, attention=spec))
+
+
+def test_exported_variants_are_named_by_their_attention(tmp_path):
+    from vlmeff.reference.model import attention_variant
+
+    for attention, name in (("cca", "cca"), ("none", "control"), (None, None)):
+        _train(tmp_path / str(attention), steps=1, attention=attention)
+        assert attention_variant(tmp_path / str(attention) / "reference.safetensors") == name

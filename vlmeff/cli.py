@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 import traceback
+from pathlib import Path
 
 from vlmeff.registry import CONNECTORS
 from vlmeff.spec import preset_names, strategy_table
+
+FINE_TUNE_STEPS = 200  # `reference train --attention`: steps of the fine-tune from trained weights
 
 
 def _cmd_list(args) -> int:
@@ -162,19 +165,20 @@ def _cmd_reference(args) -> int:
             with open(args.json_out, "w") as f:
                 json.dump(result, f, indent=1)
     elif args.action == "export":
-        from pathlib import Path
-
         import torch
 
         from vlmeff.pruners.in_llm.atp.learned import WEIGHTS_NAME
-        from vlmeff.reference.model import ASSET_NAME, export_asset
+        from vlmeff.reference.model import ASSET_NAME, asset_dir, attention_variant, export_asset
 
         found = [n for n in (ASSET_NAME, WEIGHTS_NAME) if (Path(args.out) / n).is_file()]
         if not found:
             raise FileNotFoundError(f"{args.out} holds neither {ASSET_NAME} nor {WEIGHTS_NAME}")
         for name in found:
             dtype = torch.float32 if name == WEIGHTS_NAME else torch.float16
-            print(f"exported {export_asset(args.out, name=name, dtype=dtype)}")
+            dest = None
+            if name == ASSET_NAME and (variant := attention_variant(Path(args.out) / name)) is not None:
+                dest = asset_dir() / "attention" / f"{variant}.safetensors"  # loaded as reference-<variant>
+            print(f"exported {export_asset(args.out, dest=dest, name=name, dtype=dtype)}")
     elif args.action == "train-atp":
         from vlmeff.reference.model import load_reference
         from vlmeff.reference.train import set_threads
@@ -193,14 +197,22 @@ def _cmd_reference(args) -> int:
         from vlmeff.reference.train import TrainConfig, Trainer, set_threads
 
         set_threads()
-        ref = ReferenceConfig(feature_layer=args.feature_layer)
-        cfg = TrainConfig(out=args.out, steps=args.steps or 3000, num_scenes=args.num_scenes, seed=args.seed,
+        init_from = args.init_from
+        if args.attention is not None:  # fine-tuning with an attention variant (or the control) from trained weights
+            from vlmeff.reference.model import ASSET_NAME, asset_dir, stored_config
+
+            init_from = init_from or str(asset_dir() / ASSET_NAME)
+            ref = stored_config(init_from)  # the weights' own feature layer and LoRA shape
+        else:
+            ref = ReferenceConfig(feature_layer=args.feature_layer)
+        steps = args.steps or (FINE_TUNE_STEPS if args.attention is not None else 3000)
+        cfg = TrainConfig(out=args.out, steps=steps, num_scenes=args.num_scenes, seed=args.seed,
                           max_hours=args.max_hours, checkpoint_every=args.checkpoint_every, reference=ref,
-                          lr_projector=args.lr_projector, lr_lora=args.lr_lora)
+                          lr_projector=args.lr_projector, lr_lora=args.lr_lora, attention=args.attention)
         model, processor = build_untrained(ref, source=args.source)
         trainer = Trainer(model, processor, cfg)
-        if args.init_from:
-            trainer.init_from(args.init_from)
+        if init_from and not (Path(args.out) / "state.json").is_file():
+            trainer.init_from(init_from)  # a resumed run takes its own checkpoint instead
         trainer.train()
         print(f"trained weights: {args.out}/reference.safetensors")
     return 0
@@ -347,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--max-hours", type=float, default=None)
     ref.add_argument("--init-from", default=None, help="train: start from these trained weights (fresh optimizer, "
                      "ignored when --out holds a checkpoint to resume)")
+    ref.add_argument("--attention", default=None, help="train: fine-tune the shipped weights (or --init-from) for "
+                     f"{FINE_TUNE_STEPS} steps with an attention-stage strategy in every forward: cca, mma, naavit (the "
+                     "papers train with them; applied training-free they are EXPERIMENTAL), or none (the control: the "
+                     "same fine-tuning with causal attention)")
     ref.add_argument("--lr-projector", type=float, default=1e-3)
     ref.add_argument("--lr-lora", type=float, default=2e-4)
     ref.add_argument("--seed", type=int, default=0)

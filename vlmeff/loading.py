@@ -30,9 +30,32 @@ def resolve_device(device: str | None) -> str | None:
     return device
 
 
+def is_reference(name: str | None) -> bool:
+    """"reference" or one of its fine-tuned variants, "reference-<variant>" (e.g. reference-cca)."""
+    return name is not None and (name == REFERENCE or name.startswith(REFERENCE + "-"))
+
+
+def reference_weights(name: str):
+    """The trained-weights file of a reference name: None for "reference" (the shipped weights), else
+    assets/reference/attention/<variant>.safetensors, the fine-tunes of `vlmeff reference train --attention`
+    (docs/reference-model.md); an unknown variant is refused naming the shipped ones."""
+    from vlmeff.reference.model import asset_dir
+
+    if name == REFERENCE:
+        return None
+    variant = name[len(REFERENCE) + 1:]
+    folder = asset_dir() / "attention"
+    path = folder / f"{variant}.safetensors"
+    if not path.is_file():
+        shipped = sorted(f"{REFERENCE}-{p.stem}" for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+        raise FileNotFoundError(f"no reference variant {name!r}: vlmeff ships {', '.join([REFERENCE, *shipped])}")
+    return path
+
+
 def load(name_or_path: str, *, dtype: str = "auto", device: str | None = None, attn_implementation: str = "sdpa"):
     """Return (model, processor) for a LLaVA, LLaVA-NeXT or Qwen2-VL checkpoint (folder or hub id), or for
-    `"reference"`: the bundled reference model (its pretrained parts are fetched and converted on first use).
+    `"reference"`: the bundled reference model (its pretrained parts are fetched and converted on first use), or
+    `"reference-<variant>"`: the same model with the weights of an attention fine-tune (`reference_weights`).
 
     dtype "auto" is the checkpoint's own dtype (float32 for the reference model). device: "auto" (GPU when visible),
     "cpu", "cuda", "cuda:N", or None (where from_pretrained puts it). The processor falls back to vlmeff's image-only
@@ -44,10 +67,11 @@ def load(name_or_path: str, *, dtype: str = "auto", device: str | None = None, a
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     device = resolve_device(device)
-    if name_or_path == REFERENCE:
+    if is_reference(name_or_path):
         from vlmeff.reference.model import load_reference
 
-        model, processor = load_reference(dtype=torch.float32 if dtype == "auto" else DTYPES[dtype])
+        model, processor = load_reference(reference_weights(name_or_path),
+                                          dtype=torch.float32 if dtype == "auto" else DTYPES[dtype])
         return (model if device is None else model.to(device)), processor
     try:
         config = AutoConfig.from_pretrained(name_or_path)

@@ -30,6 +30,7 @@ from vlmeff.registry import CONNECTORS
 from vlmeff.router import call_phase
 from vlmeff.spec import build_pipeline, describe, parse_spec
 from vlmeff.strategy import (
+    AttentionStrategy,
     ImageTokens,
     NotApplicableError,
     ProbeUnavailableError,
@@ -385,6 +386,27 @@ class VLMWrapper:
         return out
 
     forward = __call__
+
+    def train_forward(self, **inputs):
+        """One forward WITH gradients under the strategies' masks and positions: how vlmeff trains a model with an
+        attention-stage strategy active (`vlmeff reference train --attention`). The image features are computed by
+        the model's own forward from `pixel_values` (so the projector and adapters get gradients), not by `prepare`;
+        hence only strategies that keep every token qualify. Other kwargs (labels, logits_to_keep) go to the model.
+        Equals `vm(**inputs)` in eval mode (tested)."""
+        # an attention strategy that installs its own computation (the SAISA layer) replaces the visual rows
+        keeping = all(s.stage is Stage.ATTENTION and type(s).install is AttentionStrategy.install
+                      for s in self.strategies)
+        if not keeping:
+            raise NotApplicableError(
+                f"train_forward trains with strategies that keep every token and only change masks / positions / "
+                f"scores; {self.spec} removes or replaces tokens (its features come from prepare, without gradients)")
+        model_inputs = {k: v for k, v in inputs.items() if k in INPUT_KEYS}
+        extra = {k: v for k, v in inputs.items() if k not in INPUT_KEYS}
+        model_kwargs = self.prepare(**model_inputs)
+        model_kwargs.pop("mm_encoder_outputs", None)  # recomputed with gradients by the model from its own inputs
+        model_kwargs.update({k: v for k, v in model_inputs.items() if k not in model_kwargs})
+        self._prefills = 0
+        return self._run_llm(self.model, **model_kwargs, **extra)
 
     def generate(self, **kwargs):
         """Like `model.generate(**processor_outputs, **generation_kwargs)`, with the strategies applied."""

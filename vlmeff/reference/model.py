@@ -193,6 +193,27 @@ def build_untrained(cfg: ReferenceConfig, source: str = "pypi"):
     return assemble(vision, lm, tokenizer, cfg)
 
 
+def stored_config(path: str | Path) -> ReferenceConfig:
+    """The ReferenceConfig a trained-weights file was trained with (its metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return ReferenceConfig.from_json(f.metadata()["reference_config"])
+
+
+def attention_variant(path: str | Path) -> str | None:
+    """The variant name of an attention fine-tune's weights ("control" for --attention none, else the strategy's
+    name, e.g. "cca"), or None for weights trained without --attention (the shipped reference)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        attention = f.metadata().get("attention")
+    if attention is None:
+        return None
+    attention = json.loads(attention)
+    return "control" if attention == "none" else attention.split(":")[0]
+
+
 def load_reference(trained: str | Path | None = None, *, source: str = "pypi", dtype=torch.float32):
     """(model, processor) of the reference VLM. trained: a trained-weights file (default: the shipped asset)."""
     path = Path(trained) if trained is not None else asset_dir() / ASSET_NAME
@@ -200,10 +221,7 @@ def load_reference(trained: str | Path | None = None, *, source: str = "pypi", d
         raise FileNotFoundError(
             f"trained reference weights {path} not found; train them with `vlmeff reference train`"
         )
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        cfg = ReferenceConfig.from_json(f.metadata()["reference_config"])
+    cfg = stored_config(path)
     model, processor = build_untrained(cfg, source)
     load_trained(model, path)
     return model.to(dtype), processor

@@ -42,6 +42,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     max_hours: float | None = None  # stop (with a checkpoint) after this much wall time in this run
+    # a fine-tune with an attention-stage strategy active in every training forward ("cca", "mma", "naavit", any
+    # spec of them), or "none": the control, the same fine-tuning with plain causal attention; None: plain training
+    # (docs/reference-model.md)
+    attention: str | None = None
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def to_dict(self):
@@ -205,7 +209,7 @@ class ResumableTrainer:
 
 
 class Trainer(ResumableTrainer):
-    compat_keys = ("num_scenes", "seed", "reference")
+    compat_keys = ("num_scenes", "seed", "reference", "attention")
 
     def __init__(self, model, processor, cfg: TrainConfig, device: str | None = None):
         from peft import LoraConfig, inject_adapter_in_model
@@ -237,6 +241,7 @@ class Trainer(ResumableTrainer):
             {"params": lora_params, "lr": cfg.lr_lora},
         ], weight_decay=cfg.weight_decay)
         self.base_lrs = [cfg.lr_projector, cfg.lr_lora]
+        self.vm = None if cfg.attention is None else attention_wrapper(model, processor, cfg.attention)
         self._start()
 
     # --- data -----------------------------------------------------------------------------------------------
@@ -254,6 +259,12 @@ class Trainer(ResumableTrainer):
     def loss(self, pixel_values, ids, labels):
         model = self.model
         dev = self.device
+        if self.vm is not None:  # a variant's (or the control's) forward: the wrapper's masks / positions, with gradients
+            targets = labels[1:].to(dev)
+            keep = (targets != -100).nonzero().squeeze(1)  # positions whose next token is supervised
+            out = self.vm.train_forward(input_ids=ids[None].to(dev), attention_mask=torch.ones_like(ids[None]).to(dev),
+                                        pixel_values=pixel_values.to(dev), logits_to_keep=keep, use_cache=False)
+            return torch.nn.functional.cross_entropy(out.logits[0].float(), targets[keep])
         with torch.no_grad():
             hidden = model.model.vision_tower(pixel_values.to(dev), output_hidden_states=True).hidden_states
             feats = hidden[self.ref.feature_layer][:, 1:]  # [1, 256, D_vis]
@@ -274,8 +285,10 @@ class Trainer(ResumableTrainer):
         return self.loss(*self.batch_for(step)), {}
 
     def save_weights(self) -> None:
-        save_trained(Path(self.cfg.out) / "reference.safetensors", self.export(), self.ref,
-                     extra={"step": self.step, "cpu_seconds_total": round(self.cpu_seconds, 1)})
+        extra = {"step": self.step, "cpu_seconds_total": round(self.cpu_seconds, 1)}
+        if self.cfg.attention is not None:
+            extra["attention"] = self.cfg.attention  # `vlmeff reference export` names the variant by it
+        save_trained(Path(self.cfg.out) / "reference.safetensors", self.export(), self.ref, extra=extra)
 
     def init_from(self, path: str | Path) -> None:
         """Start from trained weights in the asset format (e.g. the shipped assets/reference file), with a fresh
@@ -293,6 +306,23 @@ class Trainer(ResumableTrainer):
         projector = self.model.model.multi_modal_projector.state_dict()
         lora = {name: (m.lora_A["default"].weight, m.lora_B["default"].weight) for name, m in self.lora_layers.items()}
         return trained_state(projector, lora)
+
+
+def attention_wrapper(model, processor, spec: str):
+    """The wrapper that puts an attention-stage strategy into every training forward (`VLMWrapper.train_forward`);
+    refuses, naming the reason, strategies that remove or replace tokens (SAISA's layer: its per-layer projectors
+    are not trained by this command yet)."""
+    import vlmeff
+    from vlmeff.strategy import AttentionStrategy, Stage, StrategyError
+
+    vm = vlmeff.wrap(model, processor, None if spec == "none" else spec)
+    for strategy in vm.strategies:
+        if strategy.stage is not Stage.ATTENTION or type(strategy).install is not AttentionStrategy.install:
+            vm.unwrap()
+            raise StrategyError(
+                f"--attention {spec!r}: {strategy.name} is not a mask / position strategy; training takes cca, mma, "
+                "naavit (or none, the control). saisa's per-layer projectors are not trained by this command yet")
+    return vm
 
 
 def set_threads() -> None:
