@@ -131,19 +131,48 @@ def test_training_forward_equals_inference_forward(spec):
     assert grad is not None and grad.abs().sum() > 0
 
 
-def test_attention_fine_tune_resumes_exactly_and_refuses_other_stages(tmp_path):
-    straight = _train(tmp_path / "a", steps=3, attention="cca")
-    resumed = _train(tmp_path / "b", steps=3, resume_from_steps=2, attention="cca")
+@pytest.mark.parametrize("attention", ["cca", "saisa"])
+def test_attention_fine_tune_resumes_exactly(tmp_path, attention):
+    straight = _train(tmp_path / "a", steps=3, attention=attention)
+    resumed = _train(tmp_path / "b", steps=3, resume_from_steps=2, attention=attention)
+    assert straight.params.keys() == resumed.params.keys()
     for name, p in straight.params.items():
         assert torch.equal(p, resumed.params[name]), name
+    if attention == "saisa":  # SAISA trains its per-layer projectors (and LoRA), not the stock projector
+        assert any(n.startswith("saisa.") for n in straight.params)
+        assert not any(n.startswith("projector.") for n in straight.params)
+        assert (tmp_path / "a" / "saisa_projectors.safetensors").is_file()
+
+
+def test_saisa_training_forward_equals_inference_forward(tmp_path):
+    import vlmeff
+    from vlmeff.pruners.attention.saisa import untrained_projectors
+
+    model, processor = tiny_parts()
+    inputs = _prompt_inputs(processor)
+    path = untrained_projectors(model.config, tmp_path / "p.safetensors")
+    with vlmeff.wrap(model, processor, f"saisa:weights={path}") as vm:
+        with torch.no_grad():
+            inference = vm(**inputs).logits
+        module = vm.strategies[0].projectors()[0]
+        module.requires_grad_(True)
+        trained = vm.train_forward(**inputs).logits
+        trained[0, -1].logsumexp(-1).backward()
+    torch.testing.assert_close(trained.detach(), inference, rtol=1e-5, atol=1e-5)
+    grads = [p.grad for p in module.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_attention_fine_tune_refuses_other_stages(tmp_path):
+    straight = _train(tmp_path / "a", steps=3, attention="cca")
     control = _train(tmp_path / "c", steps=3, attention="none")  # same data, steps, lrs and seed; causal attention
     assert any(not torch.equal(p, control.params[n]) for n, p in straight.params.items())
     with pytest.raises(ValueError, match="attention"):  # a run keeps its variant
-        _train(tmp_path / "b", steps=4, attention="mma")
+        _train(tmp_path / "a", steps=4, attention="mma")
     from vlmeff.strategy import StrategyError
 
     for spec in ("fastv", "vcd"):
-        with pytest.raises(StrategyError, match="not a mask / position strategy"):
+        with pytest.raises(StrategyError, match="not an attention-stage strategy"):
             model, processor = tiny_parts()
             Trainer(model, processor, TrainConfig(out=str(tmp_path / spec), reference=REF, attention=spec))
 

@@ -391,20 +391,22 @@ class VLMWrapper:
         """One forward WITH gradients under the strategies' masks and positions: how vlmeff trains a model with an
         attention-stage strategy active (`vlmeff reference train --attention`). The image features are computed by
         the model's own forward from `pixel_values` (so the projector and adapters get gradients), not by `prepare`;
-        hence only strategies that keep every token qualify. Other kwargs (labels, logits_to_keep) go to the model.
-        Equals `vm(**inputs)` in eval mode (tested)."""
-        # an attention strategy that installs its own computation (the SAISA layer) replaces the visual rows
-        keeping = all(s.stage is Stage.ATTENTION and type(s).install is AttentionStrategy.install
-                      for s in self.strategies)
-        if not keeping:
+        hence only attention-stage strategies qualify (a strategy with its own layer, SAISA, trains that layer's
+        modules on the prepared features). Other kwargs (labels, logits_to_keep) go to the model. Equals
+        `vm(**inputs)` in eval mode (tested)."""
+        if not all(s.stage is Stage.ATTENTION for s in self.strategies):
             raise NotApplicableError(
-                f"train_forward trains with strategies that keep every token and only change masks / positions / "
-                f"scores; {self.spec} removes or replaces tokens (its features come from prepare, without gradients)")
+                f"train_forward trains with attention-stage strategies only; {self.spec} removes or replaces tokens "
+                "before or inside the LLM (its features come from prepare, without gradients)")
+        # an attention strategy that installs its own computation (the SAISA layer) drops the stock projector's
+        # output and trains its own modules: the prepared features serve as they are
+        own = any(type(s).install is not AttentionStrategy.install for s in self.strategies)
         model_inputs = {k: v for k, v in inputs.items() if k in INPUT_KEYS}
         extra = {k: v for k, v in inputs.items() if k not in INPUT_KEYS}
         model_kwargs = self.prepare(**model_inputs)
-        model_kwargs.pop("mm_encoder_outputs", None)  # recomputed with gradients by the model from its own inputs
-        model_kwargs.update({k: v for k, v in model_inputs.items() if k not in model_kwargs})
+        if not own:
+            model_kwargs.pop("mm_encoder_outputs", None)  # recomputed with gradients by the model from its inputs
+            model_kwargs.update({k: v for k, v in model_inputs.items() if k not in model_kwargs})
         self._prefills = 0
         return self._run_llm(self.model, **model_kwargs, **extra)
 

@@ -228,20 +228,23 @@ class Trainer(ResumableTrainer):
         inject_adapter_in_model(lora, model.model.language_model)
         self.lora_layers = {name: m for name, m in model.model.language_model.named_modules()
                             if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
-        projector = model.model.multi_modal_projector
-        for p in projector.parameters():
-            p.requires_grad_(True)
         lora_params = [p for n, p in model.model.language_model.named_parameters() if "lora_" in n]
         for p in lora_params:
             p.requires_grad_(True)
-        self.params = {f"projector.{n}": p for n, p in projector.named_parameters()}
+        self.vm = None if cfg.attention is None else attention_wrapper(model, processor, cfg.attention, Path(cfg.out))
+        # what maps vision features into the LLM: the stock projector, or SAISA's per-layer projectors (the module
+        # its strategy runs; the stock projector's output is then dropped, so it stays frozen)
+        self.saisa = saisa_module(self.vm)
+        mapper = self.saisa if self.saisa is not None else model.model.multi_modal_projector
+        prefix = "saisa." if self.saisa is not None else "projector."
+        mapper.requires_grad_(True)
+        self.params = {f"{prefix}{n}": p for n, p in mapper.named_parameters()}
         self.params.update({f"lm.{n}": p for n, p in model.model.language_model.named_parameters() if "lora_" in n})
         self.optimizer = torch.optim.AdamW([
-            {"params": list(projector.parameters()), "lr": cfg.lr_projector},
+            {"params": list(mapper.parameters()), "lr": cfg.lr_projector},
             {"params": lora_params, "lr": cfg.lr_lora},
         ], weight_decay=cfg.weight_decay)
         self.base_lrs = [cfg.lr_projector, cfg.lr_lora]
-        self.vm = None if cfg.attention is None else attention_wrapper(model, processor, cfg.attention)
         self._start()
 
     # --- data -----------------------------------------------------------------------------------------------
@@ -261,9 +264,13 @@ class Trainer(ResumableTrainer):
         dev = self.device
         if self.vm is not None:  # a variant's (or the control's) forward: the wrapper's masks / positions, with gradients
             targets = labels[1:].to(dev)
-            keep = (targets != -100).nonzero().squeeze(1)  # positions whose next token is supervised
+            keep = (targets != -100).nonzero().squeeze(1)  # positions whose next token is supervised (text tokens)
+            rows = keep
+            if self.saisa is not None:  # SAISA's residual stream holds the text rows only: their row numbers
+                text = ids.to(dev) != model.config.image_token_id
+                rows = (text.cumsum(0) - 1)[keep]
             out = self.vm.train_forward(input_ids=ids[None].to(dev), attention_mask=torch.ones_like(ids[None]).to(dev),
-                                        pixel_values=pixel_values.to(dev), logits_to_keep=keep, use_cache=False)
+                                        pixel_values=pixel_values.to(dev), logits_to_keep=rows, use_cache=False)
             return torch.nn.functional.cross_entropy(out.logits[0].float(), targets[keep])
         with torch.no_grad():
             hidden = model.model.vision_tower(pixel_values.to(dev), output_hidden_states=True).hidden_states
@@ -289,6 +296,10 @@ class Trainer(ResumableTrainer):
         if self.cfg.attention is not None:
             extra["attention"] = self.cfg.attention  # `vlmeff reference export` names the variant by it
         save_trained(Path(self.cfg.out) / "reference.safetensors", self.export(), self.ref, extra=extra)
+        if self.saisa is not None:
+            from vlmeff.pruners.attention.saisa import save_projectors
+
+            save_projectors(Path(self.cfg.out) / SAISA_NAME, self.saisa, {"model": "reference", **extra})
 
     def init_from(self, path: str | Path) -> None:
         """Start from trained weights in the asset format (e.g. the shipped assets/reference file), with a fresh
@@ -300,6 +311,8 @@ class Trainer(ResumableTrainer):
             for name, m in self.lora_layers.items():
                 m.lora_A["default"].weight.copy_(state[f"lora.{name}.A"].float())
                 m.lora_B["default"].weight.copy_(state[f"lora.{name}.B"].float())
+            if self.saisa is not None:  # every layer's projector starts as the trained stock projector
+                copy_stock_projector(self.model.model.multi_modal_projector, self.saisa)
 
     def export(self) -> dict[str, torch.Tensor]:
         """Trainable weights in the asset format (projector.*, lora.<module>.A/.B)."""
@@ -308,21 +321,50 @@ class Trainer(ResumableTrainer):
         return trained_state(projector, lora)
 
 
-def attention_wrapper(model, processor, spec: str):
-    """The wrapper that puts an attention-stage strategy into every training forward (`VLMWrapper.train_forward`);
-    refuses, naming the reason, strategies that remove or replace tokens (SAISA's layer: its per-layer projectors
-    are not trained by this command yet)."""
-    import vlmeff
-    from vlmeff.strategy import AttentionStrategy, Stage, StrategyError
+SAISA_NAME = "saisa_projectors.safetensors"  # a SAISA fine-tune's per-layer projectors (saisa:weights=<file>)
 
-    vm = vlmeff.wrap(model, processor, None if spec == "none" else spec)
+
+def attention_wrapper(model, processor, spec: str, out: Path):
+    """The wrapper that puts an attention-stage strategy into every training forward (`VLMWrapper.train_forward`),
+    "none" for the control; refuses, naming the reason, strategies of other stages. "saisa" without weights gets
+    per-layer projectors shaped for the model, written to `out` (their values are set by `init_from` or a resumed
+    checkpoint)."""
+    import vlmeff
+    from vlmeff.spec import parse_spec
+    from vlmeff.strategy import Stage, StrategyError
+
+    if spec == "none":
+        return vlmeff.wrap(model, processor, None)
+    items = parse_spec(spec)
+    if len(items) == 1 and items[0].name == "saisa" and items[0].weights is None:
+        from vlmeff.pruners.attention.saisa import untrained_projectors
+
+        path = untrained_projectors(model.config, out / "saisa_shape.safetensors")
+        spec = f"saisa:weights={path}"
+    vm = vlmeff.wrap(model, processor, spec)
     for strategy in vm.strategies:
-        if strategy.stage is not Stage.ATTENTION or type(strategy).install is not AttentionStrategy.install:
+        if strategy.stage is not Stage.ATTENTION:
             vm.unwrap()
             raise StrategyError(
-                f"--attention {spec!r}: {strategy.name} is not a mask / position strategy; training takes cca, mma, "
-                "naavit (or none, the control). saisa's per-layer projectors are not trained by this command yet")
+                f"--attention {spec!r}: {strategy.name} is not an attention-stage strategy; training takes cca, mma, "
+                "naavit, saisa (or none, the control)")
     return vm
+
+
+def saisa_module(vm):
+    """The per-layer projectors the wrapper's saisa strategy runs (the cached module of its weights file), or None."""
+    for strategy in [] if vm is None else vm.strategies:
+        if strategy.name == "saisa":
+            return strategy.projectors()[0]
+    return None
+
+
+def copy_stock_projector(projector, saisa) -> None:
+    """Every SAISA layer projector := the stock LLaVA projector (linear_1, GELU, linear_2)."""
+    with torch.no_grad():
+        for layer in saisa.projectors:
+            layer[0].load_state_dict(projector.linear_1.state_dict())
+            layer[2].load_state_dict(projector.linear_2.state_dict())
 
 
 def set_threads() -> None:
