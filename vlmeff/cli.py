@@ -360,9 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--init-from", default=None, help="train: start from these trained weights (fresh optimizer, "
                      "ignored when --out holds a checkpoint to resume)")
     ref.add_argument("--attention", default=None, help="train: fine-tune the shipped weights (or --init-from) for "
-                     f"{FINE_TUNE_STEPS} steps with an attention-stage strategy in every forward: cca, mma, naavit (the "
-                     "papers train with them; applied training-free they are EXPERIMENTAL), or none (the control: the "
-                     "same fine-tuning with causal attention)")
+                     f"{FINE_TUNE_STEPS} steps with an attention-stage strategy in every forward: cca, mma, naavit, saisa "
+                     "(its per-layer projectors + LoRA; the papers train with them, applied training-free they are "
+                     "EXPERIMENTAL), or none (the control: the same fine-tuning with causal attention)")
     ref.add_argument("--lr-projector", type=float, default=1e-3)
     ref.add_argument("--lr-lora", type=float, default=2e-4)
     ref.add_argument("--seed", type=int, default=0)

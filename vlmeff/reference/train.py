@@ -359,6 +359,17 @@ def saisa_module(vm):
     return None
 
 
+def saisa_from_stock_projector(model, path: str | Path) -> Path:
+    """SAISA applied training-free: per-layer projectors that are all copies of `model`'s trained stock projector
+    (what a SAISA fine-tune starts from), written to `path` for saisa:weights=<path>."""
+    from vlmeff.pruners.attention.saisa import SAISAProjectors, save_projectors, vision_feature_size
+
+    text = model.config.text_config
+    module = SAISAProjectors(vision_feature_size(model.config), text.hidden_size, text.num_hidden_layers)
+    copy_stock_projector(model.model.multi_modal_projector, module)
+    return save_projectors(path, module, {"model": "reference (untrained: copies of the stock projector)"})
+
+
 def copy_stock_projector(projector, saisa) -> None:
     """Every SAISA layer projector := the stock LLaVA projector (linear_1, GELU, linear_2)."""
     with torch.no_grad():
