@@ -50,6 +50,19 @@ def make_inputs(processor, prompts: list[str], images: list[list[Image.Image]]):
     return processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
 
 
+def assert_keep_everything_is_vanilla(model, processor, spec: str, prompts: list[str]):
+    """The wrapped forward of `spec` set to keep every token gives the unwrapped model's logits bit for bit (the
+    prompts as one batch, image i for prompt i); returns the call's stats."""
+    import vlmeff
+
+    inputs = make_inputs(processor, prompts, [[make_image(i)] for i in range(len(prompts))])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    with vlmeff.wrap(model, processor, spec) as vm:
+        assert torch.equal(vm(**inputs).logits, ref), spec
+        return vm.stats
+
+
 def assert_batch_equals_one_by_one(vm, processor, prompts: list[str], images: list[list[Image.Image]],
                                    **generate_kwargs) -> list[dict]:
     """Generate the prompts as one left-padded batch and one by one through the same wrapper `vm`: every sample's new

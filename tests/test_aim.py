@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vlmeff
-from conftest import make_image, make_inputs
+from conftest import assert_keep_everything_is_vanilla, make_image, make_inputs
 from vlmeff.connector import VisionProbe
 from vlmeff.pruners.pre_llm.aim import AIM, bipartite_assignment, merge_schedule
 from vlmeff.spec import parse_spec
@@ -230,12 +230,7 @@ def test_llava_partial_keep_and_groups_partition(loaded):
 
 
 def test_keep_everything_is_exactly_the_unwrapped_model(loaded):
-    model, processor = loaded("llava-clip")
-    inputs = make_inputs(processor, PROMPTS[:2], [[make_image(0)], [make_image(1)]])
-    with torch.no_grad():
-        ref = model(**inputs).logits
-    with vlmeff.wrap(model, processor, "aim:keep=100000") as vm:
-        assert torch.equal(vm(**inputs).logits, ref)
+    assert_keep_everything_is_vanilla(*loaded("llava-clip"), "aim:keep=100000", PROMPTS[:2])
 
 
 def test_batch_equals_one_by_one(loaded):

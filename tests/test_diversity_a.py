@@ -13,6 +13,7 @@ import torch
 import vlmeff
 from conftest import (
     assert_batch_equals_one_by_one,
+    assert_keep_everything_is_vanilla,
     generate_recording_lengths,
     make_image,
     make_inputs,
@@ -458,13 +459,8 @@ def test_cdpruner_clip_path_refusals(loaded, clip_dir, tmp_path):
     ("qwen2-vl", "cdpruner:keep=100000"), ("qwen2.5-vl", "cdpruner:keep=100000"),
 ])
 def test_keep_everything_is_exactly_vanilla(loaded, kind, spec):
-    model, processor = loaded(kind)
-    inputs = make_inputs(processor, PROMPTS[:2], [[make_image(0)], [make_image(1)]])
-    with torch.no_grad():
-        ref = model(**inputs).logits
-    with vlmeff.wrap(model, processor, spec) as vm:
-        assert torch.equal(vm(**inputs).logits, ref)
-        assert vm.stats.visual_tokens_kept == vm.stats.visual_tokens_in
+    stats = assert_keep_everything_is_vanilla(*loaded(kind), spec, PROMPTS[:2])
+    assert stats.visual_tokens_kept == stats.visual_tokens_in
 
 
 @pytest.mark.parametrize("kind,spec", [("llava-clip", "divprune:keep=9"), ("llava-clip", "cdpruner:keep=11"),
