@@ -14,14 +14,24 @@ from pathlib import Path
 
 FASTERVLM = "fastervlm:keep=64,positions=auto,scorer=cls"
 SAISA_FREE = "saisa:weights=runs/saisa-training-free.safetensors"
-SAISA_TRAINED = "saisa:weights=runs/attn-saisa/saisa_projectors.safetensors"
-# variant -> (spec training-free, run folder of the fine-tune, spec fine-tuned)
+SAISA_FITTED = "saisa:weights=runs/saisa-init/saisa_init.safetensors"
+# variant -> (run folder and spec applied to the shipped model, run folder and spec of the fine-tune); SAISA's
+# training-free runs have their own folder (its projector files are written by the commands in docs/results.md)
 VARIANTS = {
-    "none (causal)": ("vanilla", "attn-pope-control", "vanilla"),
-    "cca": ("cca", "attn-pope-cca", "cca"),
-    "mma": ("mma", "attn-pope-mma", "mma"),
-    "naavit": ("naavit", "attn-pope-naavit", "naavit"),
-    "saisa": (SAISA_FREE, "attn-pope-saisa", SAISA_TRAINED),
+    "none (causal)": ("attn-pope-free", "vanilla", "attn-pope-control", "vanilla"),
+    "cca": ("attn-pope-free", "cca", "attn-pope-cca", "cca"),
+    "mma": ("attn-pope-free", "mma", "attn-pope-mma", "mma"),
+    "naavit": ("attn-pope-free", "naavit", "attn-pope-naavit", "naavit"),
+    "saisa": ("attn-pope-saisa-free", SAISA_FREE, "attn-pope-saisa", "saisa"),
+    "saisa, fitted start (no gradient step)": ("attn-pope-saisa-free", SAISA_FITTED, None, None),
+}
+CHAIR = {  # variant -> (run folder applied to the shipped model, run folder of the fine-tune)
+    "none (causal)": ("attn-chair-free", "attn-chair-control"),
+    "cca": ("attn-chair-free", "attn-chair-cca"),
+    "mma": ("attn-chair-free", "attn-chair-mma"),
+    "naavit": ("attn-chair-free", "attn-chair-naavit"),
+    "saisa": ("attn-chair-saisa-free", "attn-chair-saisa"),
+    "saisa, fitted start (no gradient step)": ("attn-chair-saisa-free", None),
 }
 
 
@@ -29,14 +39,14 @@ def with_fastervlm(spec: str) -> str:
     return FASTERVLM if spec == "vanilla" else f"{FASTERVLM}+{spec}"
 
 
-def summary(runs: Path, folder: str) -> dict:
-    path = runs / folder / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def summary(runs: Path, folder: str | None) -> dict:
+    path = runs / folder / "summary.json" if folder else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
 
 
-def f1(rows: dict, spec: str):
+def f1(rows: dict, spec: str | None):
     """(mean F1 %, low, high, yes-ratio %, prefill GFLOPs) or None."""
-    row = rows.get(spec)
+    row = rows.get(spec) if spec else None
     if row is None:
         return None
     mean = row["metrics"]["mean"]
@@ -49,24 +59,20 @@ def cell(value) -> str:
 
 
 def collect(runs: Path) -> dict:
-    free = summary(runs, "attn-pope-free")
     out = {}
-    for name, (free_spec, folder, trained_spec) in VARIANTS.items():
-        trained = summary(runs, folder)
+    for name, (free_folder, free_spec, folder, trained_spec) in VARIANTS.items():
+        free, trained = summary(runs, free_folder), summary(runs, folder)
         out[name] = {"free": f1(free, free_spec), "trained": f1(trained, trained_spec),
                      "free+fastervlm": f1(free, with_fastervlm(free_spec)),
-                     "trained+fastervlm": f1(trained, with_fastervlm(trained_spec))}
+                     "trained+fastervlm": f1(trained, trained_spec and with_fastervlm(trained_spec))}
     return out
 
 
 def chair_table(runs: Path) -> str:
-    """CHAIR_S / CHAIR_I / recall (%) per variant, training-free (attn-chair-free) and fine-tuned (attn-chair-<v>)."""
-    folders = {"none (causal)": "attn-chair-control", "cca": "attn-chair-cca", "mma": "attn-chair-mma",
-               "naavit": "attn-chair-naavit", "saisa": "attn-chair-saisa"}
-    free = summary(runs, "attn-chair-free")
+    """CHAIR_S / CHAIR_I / recall (%) per variant, applied to the shipped model and fine-tuned."""
 
     def cell(rows, spec):
-        row = rows.get(spec)
+        row = rows.get(spec) if spec else None
         if row is None:
             return "-"
         m = row["metrics"]
@@ -74,10 +80,32 @@ def chair_table(runs: Path) -> str:
 
     lines = ["| attention | training-free: CHAIR_S / CHAIR_I / recall | fine-tuned: CHAIR_S / CHAIR_I / recall |",
              "|---|---|---|"]
-    for name, (free_spec, _, trained_spec) in VARIANTS.items():
-        trained = summary(runs, folders[name])
-        lines.append(f"| {name} | {cell(free, free_spec)} | {cell(trained, trained_spec)} |")
+    for name, (_, free_spec, _, trained_spec) in VARIANTS.items():
+        free_folder, folder = CHAIR[name]
+        lines.append(f"| {name} | {cell(summary(runs, free_folder), free_spec)} | "
+                     f"{cell(summary(runs, folder), trained_spec)} |")
     return "\n".join(lines)
+
+
+def loss_gap(runs: Path, run: str, control: str = "attn-control", window: int = 25) -> str:
+    """Mean per-step training-loss difference run - control over windows of `window` steps: a paired comparison,
+    since every run sees the same scenes in the same order."""
+    def losses(folder):
+        path = runs / folder / "train_log.jsonl"
+        if not path.is_file():
+            return {}
+        return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
+
+    a, b = losses(run), losses(control)
+    steps = sorted(set(a) & set(b))
+    if not steps:
+        return f"{run} - {control}: no common steps"
+    cells = []
+    for start in range(steps[0], steps[-1] + 1, window):
+        w = [s for s in steps if start <= s < start + window]
+        if w:
+            cells.append(f"{w[0]}-{w[-1]}: {sum(a[s] - b[s] for s in w) / len(w):+.3f}")
+    return f"training loss, {run} - {control}, per {window} steps: " + ", ".join(cells)
 
 
 def table(results: dict) -> str:
@@ -112,7 +140,8 @@ def plot(results: dict, path: Path) -> None:
             errs[0].append(value - low)
             errs[1].append(high - value)
         ax.bar(xs, ys, width, yerr=errs, capsize=2, label=label)
-    ax.set_xticks(range(len(results)), list(results))
+    ax.set_xticks(range(len(results)), [name.split(",")[0] + ("\nfitted start" if "," in name else "")
+                                        for name in results])
     ax.set_ylabel("POPE mean F1 (%), 95 % CI")
     ax.set_ylim(0, 100)
     save_figure(fig, ax, path, "Attention variants on the reference model: applied training-free vs fine-tuned "
@@ -128,6 +157,9 @@ def main() -> None:
     print(table(results))
     print()
     print(chair_table(Path(args.runs)))
+    print()
+    for run, control in (("attn-saisa-fit", "attn-control"), ("attn-saisa-lr4", "attn-control-lr4")):
+        print(loss_gap(Path(args.runs), run, control))
     if args.plot:
         plot(results, Path(args.plot))
         print(f"wrote {args.plot}")

@@ -183,3 +183,27 @@ def test_exported_variants_are_named_by_their_attention(tmp_path):
     for attention, name in (("cca", "cca"), ("none", "control"), (None, None)):
         _train(tmp_path / str(attention), steps=1, attention=attention)
         assert attention_variant(tmp_path / str(attention) / "reference.safetensors") == name
+
+
+def test_saisa_init_fits_the_models_own_visual_states(tmp_path):
+    """distill_saisa fits the projectors to the RMS-normalised visual hidden states at each layer's input of the
+    causal model; its reported explained variance is recomputed here from the fitted projectors' predictions."""
+    trainer = _train(tmp_path / "s", steps=0, attention="saisa")
+    model = trainer.model
+    fit = trainer.distill_saisa(scenes=3)
+    layers = model.config.text_config.num_hidden_layers
+    preds, ys = [], []
+    with torch.no_grad():
+        for step in range(3):
+            pixel_values, ids, _ = trainer.batch_for(step)
+            feats, embeds = trainer.stock_inputs(pixel_values, ids)
+            states = model.model.language_model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
+            visual = ids == model.config.image_token_id
+            y = torch.stack([states[layer][0, visual] for layer in range(layers)])
+            ys.append(y / y.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
+            preds.append(torch.stack([trainer.saisa(layer, feats[0]) for layer in range(layers)]))
+    y, pred = torch.cat(ys, 1).double(), torch.cat(preds, 1).double()
+    for layer in range(layers):
+        r2 = 1 - ((y[layer] - pred[layer]) ** 2).sum() / ((y[layer] - y[layer].mean(0)) ** 2).sum()
+        assert fit["r2"][layer] == pytest.approx(float(r2), abs=1e-3)
+    assert all(a >= b - 1e-6 for a, b in zip(fit["r2"], fit["r2_shared"]))

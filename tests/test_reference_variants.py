@@ -1,6 +1,7 @@
 """The attention fine-tunes shipped in assets/reference/attention (issue 17; docs/results.md): each loads by name
 (`vlmeff.load("reference-<variant>")`) and, with its strategy, reproduces the caption recorded when it was exported,
-on a fixed held-out scene; an unknown variant is refused naming the shipped ones."""
+on a fixed held-out scene (SAISA with its shipped projectors, assets/reference/saisa_projectors.safetensors, the
+strategy's default weights); an unknown variant is refused naming the shipped ones."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ RECORDED = {
     "cca": ("cca", "A flag, a cross, a triangle, a box and a key."),
     "mma": ("mma", "A cross, a triangle, a flag, a box and a kite."),
     "naavit": ("naavit", "A flag, a triangle, a box and a cross."),
+    "saisa": ("saisa", "A triangle, a box, a flag and a ball."),  # its projectors: the default saisa weights
 }
 
 
@@ -41,3 +43,18 @@ def test_every_shipped_variant_is_recorded_and_unknown_ones_are_refused():
     assert shipped == sorted(RECORDED)
     with pytest.raises(FileNotFoundError, match="reference-cca"):
         vlmeff.load("reference-nope")
+
+
+def test_a_runs_weights_file_loads_by_path(tmp_path):
+    """`reference:<file>` loads a training run's weights without exporting them (here: the shipped cca file)."""
+    import torch
+
+    by_name, _ = vlmeff.load("reference-cca")
+    by_path, _ = vlmeff.load(f"reference:{asset_dir() / 'attention' / 'cca.safetensors'}")
+    image_row = by_name.config.image_token_id  # the added <image> row is drawn afresh at every load
+    for (name, a), b in zip(by_name.state_dict().items(), by_path.state_dict().values()):
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            a, b = a[:image_row], b[:image_row]
+        assert torch.equal(a, b), name
+    with pytest.raises(FileNotFoundError, match="no trained weights file at"):
+        vlmeff.load(f"reference:{tmp_path / 'none.safetensors'}")

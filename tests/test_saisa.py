@@ -14,6 +14,7 @@ from conftest import make_image, make_inputs
 from vlmeff.flops import llm_layer_flops, llm_prefill_flops
 from vlmeff.pruners.attention.saisa import (
     SAISAProjectors,
+    fit_projectors,
     load_projectors,
     save_projectors,
     vision_feature_size,
@@ -29,12 +30,12 @@ def llava(loaded):
     return deepen(model), processor
 
 
-@pytest.fixture(scope="module")
-def weights(llava, tmp_path_factory):
+@pytest.fixture(scope="module", params=[None, 3], ids=["paper-form", "factored-rank3"])
+def weights(llava, tmp_path_factory, request):
     model, _ = llava
     text = model.config.text_config
     torch.manual_seed(3)
-    module = SAISAProjectors(vision_feature_size(model.config), text.hidden_size, text.num_hidden_layers)
+    module = SAISAProjectors(vision_feature_size(model.config), text.hidden_size, text.num_hidden_layers, request.param)
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0, 0.5)
@@ -135,8 +136,8 @@ def test_after_fastervlm_the_projectors_see_the_kept_raw_features(llava, weights
 
 def test_missing_wrong_and_corrupt_weights_are_named(llava, tmp_path):
     model, processor = llava
-    with pytest.raises(NotApplicableError, match="needs trained per-layer projectors"):
-        vlmeff.wrap(model, processor, "saisa")
+    with pytest.raises(NotApplicableError, match="this model needs .* pass weights=<file> trained for it"):
+        vlmeff.wrap(model, processor, "saisa")  # the default: the reference model's projectors, shaped for it
     with pytest.raises(StrategyError, match="no projector weights at"):
         vlmeff.wrap(model, processor, f"saisa:weights={tmp_path / 'nothing.safetensors'}")
     bad = tmp_path / "bad.safetensors"
@@ -174,7 +175,7 @@ def test_refused_compositions_name_the_reason(llava, weights, loaded):
 
 def test_flops_count_text_queries_and_visual_keys(llava, weights):
     model, processor = llava
-    path, _ = weights
+    path, module = weights
     inputs = make_inputs(processor, PROMPTS[:1], [[make_image(36)]])
     vm = vlmeff.wrap(model, processor, f"saisa:weights={path}")
     vm(**inputs)
@@ -189,6 +190,106 @@ def test_flops_count_text_queries_and_visual_keys(llava, weights):
     assert vm.stats.flops["llm"] == llm_prefill_flops(text_cfg, text, key_only_tokens=visual)
     dv = vision_feature_size(model.config)
     stock = 2 * visual * (dv * d + d * d)
-    assert vm.stats.flops["projector"] == stock * (1 + text_cfg.num_hidden_layers)
+    layers, rank = text_cfg.num_hidden_layers, module.rank
+    saisa = layers * stock if rank is None else stock + layers * 2 * visual * (d * rank + rank * d)
+    assert vm.stats.flops["projector"] == stock + saisa
     assert vm.stats.flops["llm"] < vm.stats.flops_vanilla["llm"]
     vm.unwrap()
+
+
+def _manual_factored(module: SAISAProjectors, layer: int, v: torch.Tensor) -> torch.Tensor:
+    """P_l(v) = W2 g + b2 + U_l (D_l g) + c_l, g = GELU(W1 v + b1), from the raw parameters."""
+    w = module.state_dict()
+    g = torch.nn.functional.gelu(v @ w["first.0.weight"].T + w["first.0.bias"])
+    delta = (g @ w[f"down.{layer}.weight"].T) @ w[f"up.{layer}.weight"].T + w[f"up.{layer}.bias"]
+    return g @ w["second.weight"].T + w["second.bias"] + delta
+
+
+def test_factored_projectors_follow_their_formula_and_start_as_the_stock_projector():
+    torch.manual_seed(0)
+    module = SAISAProjectors(6, 8, 3, rank=2)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+    v = torch.randn(5, 6)
+    for layer in range(3):
+        torch.testing.assert_close(module(layer, v), _manual_factored(module, layer, v))
+    assert len({tuple(module(layer, v).flatten().tolist()) for layer in range(3)}) == 3
+    linear_1, linear_2 = torch.nn.Linear(6, 8), torch.nn.Linear(8, 8)
+    stock = torch.nn.Sequential(linear_1, torch.nn.GELU(), linear_2)
+    paper = SAISAProjectors(6, 8, 3)
+    for m in (module, paper):
+        m.copy_stock(linear_1, linear_2)
+        for layer in range(3):
+            torch.testing.assert_close(m(layer, v), stock(v), rtol=0, atol=0)
+    with pytest.raises(StrategyError, match="rank 9 must be in"):
+        SAISAProjectors(6, 8, 3, rank=9)
+
+
+def _design(module, v):
+    g = module.first(v).double()
+    return torch.cat([g, torch.ones_like(g[:, :1])], 1)
+
+
+def test_fit_recovers_targets_a_rank_r_update_can_reach():
+    """Targets P_l(v) = W2 g + b2 + c_l U D g with sum_l c_l = 0 (a shared layer plus per-layer updates of rank 1
+    around it, same first layer) are recovered exactly by the rank-2 fit."""
+    torch.manual_seed(1)
+    truth = SAISAProjectors(6, 8, 4, rank=2)
+    with torch.no_grad():
+        for p in truth.parameters():
+            p.normal_(0, 0.5)
+        up, down = torch.randn(8, 2), torch.randn(2, 8)
+        for layer, c in enumerate([1.0, -2.0, 0.5, 0.5]):
+            truth.up[layer].weight.copy_(c * up)
+            truth.up[layer].bias.zero_()
+            truth.down[layer].weight.copy_(down)
+    fitted = SAISAProjectors(6, 8, 4, rank=2)
+    fitted.first.load_state_dict(truth.first.state_dict())
+    chunks = [torch.randn(40, 6) for _ in range(3)]
+    with torch.no_grad():
+        batches = [(v, torch.stack([truth(layer, v) for layer in range(4)])) for v in chunks]
+    fit = fit_projectors(fitted, batches, ridge=1e-12)
+    v = torch.randn(7, 6)
+    with torch.no_grad():
+        for layer in range(4):
+            torch.testing.assert_close(fitted(layer, v), truth(layer, v), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fitted.second.weight, truth.second.weight, atol=1e-4, rtol=1e-4)
+    assert min(fit["r2"]) > 0.9999
+
+
+def test_fit_at_full_rank_is_each_layers_least_squares_and_reports_its_r2():
+    """rank = d: every layer's projector is that layer's own least-squares fit (torch.linalg.lstsq on [g, 1]); the
+    reported explained variances equal those recomputed from the fitted module's predictions."""
+    torch.manual_seed(2)
+    module = SAISAProjectors(5, 4, 3, rank=4)
+    v = torch.randn(200, 5)
+    targets = torch.randn(3, 200, 4) + torch.arange(3.0)[:, None, None]
+    fit = fit_projectors(module, [(v[:120], targets[:, :120]), (v[120:], targets[:, 120:])], ridge=1e-12)
+    design = _design(module, v)
+    with torch.no_grad():
+        for layer in range(3):
+            coef = torch.linalg.lstsq(design, targets[layer].double()).solution
+            torch.testing.assert_close(module(layer, v).double(), design @ coef, atol=1e-4, rtol=1e-4)
+            pred = module(layer, v).double()
+            y = targets[layer].double()
+            r2 = 1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+            assert fit["r2"][layer] == pytest.approx(float(r2), abs=1e-4)
+            shared = design @ torch.cat([module.second.weight.T, module.second.bias[None]]).double()
+            r2_shared = 1 - ((y - shared) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+            assert fit["r2_shared"][layer] == pytest.approx(float(r2_shared), abs=1e-4)
+    with pytest.raises(StrategyError, match="factored form"):
+        fit_projectors(SAISAProjectors(5, 4, 3), [])
+
+
+def test_float16_file_loads_as_the_rounded_weights(tmp_path):
+    torch.manual_seed(4)
+    module = SAISAProjectors(6, 8, 3, rank=2)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+    path = save_projectors(tmp_path / "half.safetensors", module, {"model": "t"}, dtype=torch.float16)
+    loaded, meta = load_projectors(path)
+    assert meta["rank"] == 2
+    for name, p in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p.half().float()), name

@@ -167,13 +167,16 @@ def _cmd_reference(args) -> int:
     elif args.action == "export":
         import torch
 
+        from vlmeff.pruners.attention.saisa import WEIGHTS_NAME as SAISA_WEIGHTS
         from vlmeff.pruners.in_llm.atp.learned import WEIGHTS_NAME
         from vlmeff.reference.model import ASSET_NAME, asset_dir, attention_variant, export_asset
 
-        found = [n for n in (ASSET_NAME, WEIGHTS_NAME) if (Path(args.out) / n).is_file()]
+        found = [n for n in (ASSET_NAME, WEIGHTS_NAME, SAISA_WEIGHTS) if (Path(args.out) / n).is_file()]
         if not found:
-            raise FileNotFoundError(f"{args.out} holds neither {ASSET_NAME} nor {WEIGHTS_NAME}")
+            raise FileNotFoundError(f"{args.out} holds none of {ASSET_NAME}, {WEIGHTS_NAME}, {SAISA_WEIGHTS}")
         for name in found:
+            # float16 for the projector, LoRA and SAISA's projectors (checked in the model card); the small
+            # atp-learned MLPs stay float32
             dtype = torch.float32 if name == WEIGHTS_NAME else torch.float16
             dest = None
             if name == ASSET_NAME and (variant := attention_variant(Path(args.out) / name)) is not None:
@@ -361,8 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "ignored when --out holds a checkpoint to resume)")
     ref.add_argument("--attention", default=None, help="train: fine-tune the shipped weights (or --init-from) for "
                      f"{FINE_TUNE_STEPS} steps with an attention-stage strategy in every forward: cca, mma, naavit, saisa "
-                     "(its per-layer projectors + LoRA; the papers train with them, applied training-free they are "
-                     "EXPERIMENTAL), or none (the control: the same fine-tuning with causal attention)")
+                     "(its per-layer projectors, factored at rank 32 and first fitted to the model's own visual "
+                     "states, + LoRA; the papers train with them, applied training-free they are EXPERIMENTAL), or "
+                     "none (the control: the same fine-tuning with causal attention)")
     ref.add_argument("--lr-projector", type=float, default=1e-3)
     ref.add_argument("--lr-lora", type=float, default=2e-4)
     ref.add_argument("--seed", type=int, default=0)

@@ -31,18 +31,24 @@ def resolve_device(device: str | None) -> str | None:
 
 
 def is_reference(name: str | None) -> bool:
-    """"reference" or one of its fine-tuned variants, "reference-<variant>" (e.g. reference-cca)."""
-    return name is not None and (name == REFERENCE or name.startswith(REFERENCE + "-"))
+    """"reference", one of its shipped fine-tuned variants, "reference-<variant>" (e.g. reference-cca), or a training
+    run's weights, "reference:<file>" (e.g. reference:runs/attn-cca/reference.safetensors)."""
+    return name is not None and (name == REFERENCE or name.startswith((REFERENCE + "-", REFERENCE + ":")))
 
 
 def reference_weights(name: str):
-    """The trained-weights file of a reference name: None for "reference" (the shipped weights), else
-    assets/reference/attention/<variant>.safetensors, the fine-tunes of `vlmeff reference train --attention`
+    """The trained-weights file of a reference name: None for "reference" (the shipped weights), the file of
+    "reference:<file>", else assets/reference/attention/<variant>.safetensors, the fine-tunes of `vlmeff reference train --attention`
     (docs/reference-model.md); an unknown variant is refused naming the shipped ones."""
     from vlmeff.reference.model import asset_dir
 
     if name == REFERENCE:
         return None
+    if name.startswith(REFERENCE + ":"):  # a run's weights, evaluated without exporting them over the shipped ones
+        path = Path(name[len(REFERENCE) + 1:])
+        if not path.is_file():
+            raise FileNotFoundError(f"{name!r}: no trained weights file at {path} (a run folder's reference.safetensors)")
+        return path
     variant = name[len(REFERENCE) + 1:]
     folder = asset_dir() / "attention"
     path = folder / f"{variant}.safetensors"
@@ -55,7 +61,8 @@ def reference_weights(name: str):
 def load(name_or_path: str, *, dtype: str = "auto", device: str | None = None, attn_implementation: str = "sdpa"):
     """Return (model, processor) for a LLaVA, LLaVA-NeXT or Qwen2-VL checkpoint (folder or hub id), or for
     `"reference"`: the bundled reference model (its pretrained parts are fetched and converted on first use), or
-    `"reference-<variant>"`: the same model with the weights of an attention fine-tune (`reference_weights`).
+    `"reference-<variant>"`: the same model with the weights of an attention fine-tune, or `"reference:<file>"`: with
+    a training run's weights file (`reference_weights`).
 
     dtype "auto" is the checkpoint's own dtype (float32 for the reference model). device: "auto" (GPU when visible),
     "cpu", "cuda", "cuda:N", or None (where from_pretrained puts it). The processor falls back to vlmeff's image-only

@@ -1,9 +1,9 @@
 """Trained strategy modules on disk: safetensors files with their shapes and provenance as JSON metadata.
 
 One format for every strategy that ships or loads learned weights (atp-learned's threshold MLPs, SAISA's layer
-projectors): tensors in float32, metadata under the strategy's own key, written atomically (a temporary file
-renamed into place, so an interrupted save never leaves a torn file), loaded once per file and modification time.
-Never pickle.
+projectors): tensors in float32 (float16 where a shipped file was checked lossless enough), metadata under the
+strategy's own key, written atomically (a temporary file renamed into place, so an interrupted save never leaves a
+torn file), loaded once per file and modification time. Never pickle.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlmeff.strategy import StrategyError
@@ -20,13 +21,15 @@ from vlmeff.strategy import StrategyError
 _LOADED: dict[tuple[str, str, float], tuple[nn.Module, dict[str, Any]]] = {}
 
 
-def save_module_file(path: str | Path, module: nn.Module, key: str, meta: dict[str, Any]) -> Path:
-    """Write `module`'s state dict (float32) with `meta` as JSON under metadata `key`; atomic."""
+def save_module_file(path: str | Path, module: nn.Module, key: str, meta: dict[str, Any],
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """Write `module`'s state dict (float32, or `dtype` for a shipped file) with `meta` as JSON under metadata `key`;
+    atomic. Loading casts back to the module's float32 parameters."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+    tensors = {k: v.detach().to(dtype).cpu().contiguous() for k, v in module.state_dict().items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata={key: json.dumps(meta)})
     tmp.replace(path)

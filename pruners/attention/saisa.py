@@ -42,40 +42,170 @@ META_KEY = "saisa"
 
 
 class SAISAProjectors(nn.Module):
-    """One projector per decoder layer: raw vision features [.., d_vis] -> that layer's visual hidden states [.., d]."""
+    """One projector per decoder layer: raw vision features [.., d_vis] -> that layer's visual hidden states [.., d].
 
-    def __init__(self, vision_size: int, hidden_size: int, num_layers: int):
+    rank None: the paper's form, L independent projectors Linear(d_vis -> d), GELU, Linear(d -> d). rank r: a
+    factored form of the same function family (vlmeff's, for shipping and for a CPU fine-tune): one shared first
+    layer g = GELU(W1 v + b1) and shared second layer W2 g + b2, plus a per-layer rank-r update up_l(down_l(g))
+    (down_l: d -> r without bias, up_l: r -> d with bias), so P_l(v) = W2 g + b2 + up_l(down_l(g)). With up_l zero
+    every layer equals the shared projector. Its weights are (d_vis d + d^2 + L (2 d r + d)) instead of L (d_vis d +
+    d^2): 1.7 M rather than 16.6 M parameters on the reference model at r = 32, and the shared part runs once per
+    prefill rather than once per layer.
+
+    Call `prepare(features)` once per prefill and `layer_output(l, prepared)` per layer; `forward(l, features)` does
+    both (tests, one-off use).
+    """
+
+    def __init__(self, vision_size: int, hidden_size: int, num_layers: int, rank: int | None = None):
         super().__init__()
-        self.vision_size, self.hidden_size, self.num_layers = vision_size, hidden_size, num_layers
-        self.projectors = nn.ModuleList(
-            nn.Sequential(nn.Linear(vision_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
-            for _ in range(num_layers))
+        if rank is not None and not 1 <= rank <= hidden_size:
+            raise StrategyError(f"saisa: projector rank {rank} must be in [1, {hidden_size}] (the hidden size)")
+        self.vision_size, self.hidden_size, self.num_layers, self.rank = vision_size, hidden_size, num_layers, rank
+        if rank is None:
+            self.projectors = nn.ModuleList(
+                nn.Sequential(nn.Linear(vision_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+                for _ in range(num_layers))
+            return
+        self.first = nn.Sequential(nn.Linear(vision_size, hidden_size), nn.GELU())
+        self.second = nn.Linear(hidden_size, hidden_size)
+        self.down = nn.ModuleList(nn.Linear(hidden_size, rank, bias=False) for _ in range(num_layers))
+        self.up = nn.ModuleList(nn.Linear(rank, hidden_size) for _ in range(num_layers))
+        self._zero_updates()  # LoRA's start: every layer equals the shared projector until trained
+
+    def _zero_updates(self) -> None:
+        with torch.no_grad():
+            for up in self.up:
+                up.weight.zero_()
+                up.bias.zero_()
+
+    def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What every layer shares: the features themselves (paper form), or (g, W2 g + b2) (factored form)."""
+        if self.rank is None:
+            return (features,)
+        hidden = self.first(features)
+        return hidden, self.second(hidden)
+
+    def layer_output(self, layer: int, prepared: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if self.rank is None:
+            return self.projectors[layer](prepared[0])
+        hidden, shared = prepared
+        return shared + self.up[layer](self.down[layer](hidden))
 
     def forward(self, layer: int, features: torch.Tensor) -> torch.Tensor:
-        return self.projectors[layer](features)
+        return self.layer_output(layer, self.prepare(features))
+
+    def flops(self, tokens: int) -> int:
+        """Multiply-add FLOPs (2 per MAC) of all L layer outputs for `tokens` visual tokens."""
+        dv, d, layers = self.vision_size, self.hidden_size, self.num_layers
+        if self.rank is None:
+            return layers * 2 * tokens * (dv * d + d * d)
+        return 2 * tokens * (dv * d + d * d) + layers * 2 * tokens * 2 * d * self.rank
+
+    def copy_stock(self, linear_1: nn.Linear, linear_2: nn.Linear) -> None:
+        """Every layer := the stock LLaVA projector (linear_1, GELU, linear_2); the factored form's updates zero."""
+        with torch.no_grad():
+            if self.rank is None:
+                for layer in self.projectors:
+                    layer[0].load_state_dict(linear_1.state_dict())
+                    layer[2].load_state_dict(linear_2.state_dict())
+                return
+            self.first[0].load_state_dict(linear_1.state_dict())
+            self.second.load_state_dict(linear_2.state_dict())
+        self._zero_updates()
 
 
-def save_projectors(path: str | Path, module: SAISAProjectors, meta: dict[str, Any] | None = None) -> Path:
-    """Write the projectors (safetensors, atomically) with their shapes and `meta` (e.g. the model trained on)."""
+def save_projectors(path: str | Path, module: SAISAProjectors, meta: dict[str, Any] | None = None,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """Write the projectors (safetensors, atomically, in `dtype`) with their shapes and `meta` (e.g. the model
+    trained on)."""
     meta = {**(meta or {}), "vision_size": module.vision_size, "hidden_size": module.hidden_size,
-            "num_layers": module.num_layers}
-    return save_module_file(path, module, META_KEY, meta)
+            "num_layers": module.num_layers, "rank": module.rank}
+    return save_module_file(path, module, META_KEY, meta, dtype=dtype)
 
 
-def untrained_projectors(config, path: str | Path, seed: int = 0) -> Path:
+def untrained_projectors(config, path: str | Path, seed: int = 0, rank: int | None = None) -> Path:
     """Write randomly initialised projectors shaped for the VLM `config`: what `saisa` costs on a model nobody
     trained projectors for (e.g. `vlmeff bench`'s random model). Its answers are meaningless; cost figures only."""
     text = config.text_config
     torch.manual_seed(seed)
-    module = SAISAProjectors(vision_feature_size(config), text.hidden_size, text.num_hidden_layers)
+    module = SAISAProjectors(vision_feature_size(config), text.hidden_size, text.num_hidden_layers, rank)
     return save_projectors(path, module, {"model": "untrained (cost measurements only)"})
+
+
+def fit_projectors(module: SAISAProjectors, batches, ridge: float = 1e-3) -> dict[str, list[float]]:
+    """Fit a factored `module`'s second layer and per-layer updates so that P_l(v) predicts given per-layer targets
+    (vlmeff's distillation init: the visual hidden states a causally trained model holds at each layer's input),
+    keeping its first layer. `batches` yields (features [N, d_vis], targets [L, N, d]).
+
+    With g = first(v) and h = [g, 1]: the ridge solution B_l = (H^T H + lambda I)^-1 H^T Y_l per layer (lambda =
+    `ridge` x the mean diagonal of H^T H); the shared layer takes their mean B (the fit to the layers' mean target);
+    each layer's update is the reduced-rank regression of its residual D_l = B_l - B: the rank-r projection
+    D_l V V^T, V the top r eigenvectors of D_l^T H^T H D_l (the fitted values' covariance). Only H^T H and H^T Y_l
+    are accumulated. Returns {"r2_shared": [per layer], "r2": [per layer]}: the share of each layer's target
+    variance explained by the shared layer alone and with its update.
+    """
+    if module.rank is None:
+        raise StrategyError("saisa: fit_projectors fits the factored form (rank=r); the paper form has no shared layer")
+    d, layers, rank = module.hidden_size, module.num_layers, module.rank
+    gram = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+    cross = torch.zeros(layers, d + 1, d, dtype=torch.float64)
+    sums = torch.zeros(layers, d, dtype=torch.float64)
+    squares = torch.zeros(layers, dtype=torch.float64)
+    count = 0
+    with torch.no_grad():
+        for features, targets in batches:
+            h = module.first(features.float()).double()
+            h = torch.cat([h, torch.ones_like(h[:, :1])], 1)
+            y = targets.double()
+            gram += h.T @ h
+            cross += torch.einsum("nk,lnd->lkd", h, y)
+            sums += y.sum(1)
+            squares += (y * y).sum((1, 2))
+            count += h.shape[0]
+        if count == 0:
+            raise StrategyError("saisa: fit_projectors got no visual tokens to fit")
+        lam = ridge * gram.diagonal().mean()
+        solve = torch.linalg.solve(gram + lam * torch.eye(d + 1, dtype=gram.dtype), cross)  # [L, d+1, d]
+        shared = solve.mean(0)
+        module.second.weight.copy_(shared[:d].T)
+        module.second.bias.copy_(shared[d])
+        total = squares - (sums * sums).sum(1) / count  # per layer: sum of squared deviations from the mean
+
+        def explained(coef):  # 1 - SSE / SST for predictions H coef, from the accumulated statistics
+            sse = squares - 2 * (coef * cross).sum((1, 2)) + torch.einsum("lkd,kj,ljd->l", coef, gram, coef)
+            return (1 - sse / total).tolist()
+
+        r2_shared = explained(shared.expand(layers, -1, -1))
+        full = []
+        for layer in range(layers):
+            residual = solve[layer] - shared  # [d+1, d]
+            _, vectors = torch.linalg.eigh(residual.T @ gram @ residual)
+            top = vectors[:, -rank:]  # [d, r], the largest eigenvalues last
+            low = residual @ top  # [d+1, r]
+            module.down[layer].weight.copy_(low[:d].T)
+            module.up[layer].weight.copy_(top)
+            module.up[layer].bias.copy_(low[d] @ top.T)
+            full.append(shared + low @ top.T)
+        return {"r2_shared": r2_shared, "r2": explained(torch.stack(full))}
 
 
 def load_projectors(path: str | Path) -> tuple[SAISAProjectors, dict[str, Any]]:
     """(projectors in eval mode, metadata) from a file written by `save_projectors` (cached per file and mtime)."""
     return load_module_file(
-        path, META_KEY, lambda meta: SAISAProjectors(meta["vision_size"], meta["hidden_size"], meta["num_layers"]),
+        path, META_KEY, lambda meta: SAISAProjectors(meta["vision_size"], meta["hidden_size"], meta["num_layers"],
+                                                 meta.get("rank")),
         owner="saisa", what="projector weights", kind="a SAISA projector file")
+
+
+WEIGHTS_NAME = "saisa_projectors.safetensors"
+
+
+def default_weights() -> Path:
+    """The projectors vlmeff trained for its reference model, with `reference-saisa`'s LoRA
+    (assets/reference/saisa_projectors.safetensors)."""
+    from vlmeff.reference.model import asset_dir
+
+    return asset_dir() / WEIGHTS_NAME
 
 
 def vision_feature_size(config) -> int:
@@ -96,11 +226,14 @@ def _rotate_keys(attention: nn.Module, key: torch.Tensor, cos: torch.Tensor, sin
 @dataclass
 class SAISA(AttentionStrategy):
     """SAISA layer: per-layer projectors of the raw vision features; visual rows give keys / values only (no
-    queries, no FFN). weights: a file from `save_projectors` trained for this model (none ship yet)."""
+    queries, no FFN). weights: a file from `save_projectors` trained for this model; default: the projectors vlmeff
+    trained for its reference model together with the LoRA of `reference-saisa` (`vlmeff reference train
+    --attention saisa`), so use them with `--model reference-saisa`."""
 
     name = "saisa"
     summary = ("attention: SAISA layer, visual tokens as keys/values only (per-layer projectors of raw vision "
-               "features, no visual queries or FFN); EXPERIMENTAL, needs trained projectors (weights=<file>)")
+               "features, no visual queries or FFN); EXPERIMENTAL, needs trained projectors: shipped for "
+               "--model reference-saisa, weights=<file> for other models")
     paper = "arXiv 2502.02458"
     training_free = False
     experimental = True
@@ -108,12 +241,7 @@ class SAISA(AttentionStrategy):
     weights: str | None = None
 
     def projectors(self) -> tuple[SAISAProjectors, dict[str, Any]]:
-        if self.weights is None:
-            raise NotApplicableError(
-                "saisa needs trained per-layer projectors and none were given: pass weights=<file.safetensors> "
-                "written by vlmeff.pruners.attention.saisa.save_projectors for this model (vlmeff ships none yet; "
-                "an untrained file gives cost figures only)")
-        return load_projectors(self.weights)
+        return load_projectors(self.weights or default_weights())
 
     def check_applicable(self, connector) -> None:
         if not connector.splices_in_unit_order:
@@ -131,7 +259,9 @@ class SAISA(AttentionStrategy):
         if want != have:
             raise NotApplicableError(
                 f"saisa: the projectors in {self.weights} map {have[0]} -> {have[1]} for {have[2]} layers "
-                f"({meta.get('model', '?')}); this model needs {want[0]} -> {want[1]} for {want[2]} layers")
+                f"({meta.get('model', '?')}); this model needs {want[0]} -> {want[1]} for {want[2]} layers: pass "
+                "weights=<file> trained for it (vlmeff.pruners.attention.saisa.save_projectors; an untrained file "
+                "from untrained_projectors gives cost figures only)")
         layer = connector.model.model.language_model.layers[0]
         if not all(hasattr(layer, a) for a in ("input_layernorm", "self_attn")) or not all(
                 hasattr(layer.self_attn, a) for a in ("k_proj", "v_proj", "head_dim")):
@@ -157,11 +287,9 @@ class SAISA(AttentionStrategy):
     # --- cost ----------------------------------------------------------------------------------------------------
     def llm_flops(self, config, text: int, visual: int) -> FlopsBreakdown:
         """Decoder layers with `text` query rows over text + visual keys, the LM head, and the L projectors on the
-        `visual` tokens (counted as projector FLOPs)."""
-        text_config = config.text_config
-        d, dv, layers = text_config.hidden_size, vision_feature_size(config), text_config.num_hidden_layers
-        return FlopsBreakdown(vision=0, projector=layers * 2 * visual * (dv * d + d * d),
-                              llm=llm_prefill_flops(text_config, text, key_only_tokens=visual))
+        `visual` tokens (counted as projector FLOPs; the factored form's shared part once)."""
+        return FlopsBreakdown(vision=0, projector=self.projectors()[0].flops(visual),
+                              llm=llm_prefill_flops(config.text_config, text, key_only_tokens=visual))
 
     # --- the call ------------------------------------------------------------------------------------------------
     def install(self, router, layout, images, state) -> None:
@@ -196,8 +324,8 @@ class SAISA(AttentionStrategy):
                     kwargs["cache"] = DynamicCache(config=lm.config)
                 vis_positions = gather_tokens(positions, vis_index)
                 state["rotary"] = lm.rotary_emb(embeds, vis_positions)
-                state["raw"] = raw.to(device=embeds.device, dtype=embeds.dtype)
                 module.to(device=embeds.device, dtype=embeds.dtype)
+                state["prepared"] = module.prepare(raw.to(device=embeds.device, dtype=embeds.dtype))
             else:
                 kwargs["attention_mask"] = self._decode_mask(state, kwargs)
 
@@ -250,7 +378,7 @@ class SAISA(AttentionStrategy):
             if router.phase != "prefill":
                 return None
             cache = kwargs.get("cache")
-            hidden = layer.input_layernorm(module(index, state["raw"]))
+            hidden = layer.input_layernorm(module.layer_output(index, state["prepared"]))
             b, v, _ = hidden.shape
             shape = (b, v, -1, attention.head_dim)
             key = attention.k_proj(hidden).view(shape)

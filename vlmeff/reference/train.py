@@ -272,21 +272,50 @@ class Trainer(ResumableTrainer):
             out = self.vm.train_forward(input_ids=ids[None].to(dev), attention_mask=torch.ones_like(ids[None]).to(dev),
                                         pixel_values=pixel_values.to(dev), logits_to_keep=rows, use_cache=False)
             return torch.nn.functional.cross_entropy(out.logits[0].float(), targets[keep])
-        with torch.no_grad():
-            hidden = model.model.vision_tower(pixel_values.to(dev), output_hidden_states=True).hidden_states
-            feats = hidden[self.ref.feature_layer][:, 1:]  # [1, 256, D_vis]
         # bf16 autocast on GPU only: on these CPUs it is 7x slower than fp32 (measured, see the model card)
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
         with autocast:
-            visual = model.model.multi_modal_projector(feats)  # [1, 256, d]
-            embeds = model.model.language_model.embed_tokens(ids[None].to(dev))
-            mask = (ids == model.config.image_token_id)[None, :, None].to(dev)
-            embeds = embeds.masked_scatter(mask, visual.to(embeds.dtype))
+            _, embeds = self.stock_inputs(pixel_values, ids)
             hs = model.model.language_model(inputs_embeds=embeds).last_hidden_state[0]  # [S, d]
             targets = labels[1:].to(dev)
             where = targets != -100
             logits = model.lm_head(hs[:-1][where])  # only supervised positions: the 49k-vocab head is costly
         return torch.nn.functional.cross_entropy(logits.float(), targets[where])
+
+    def stock_inputs(self, pixel_values, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw vision features [1, V, D_vis] the projector reads, input embeddings [1, S, d] with the stock
+        projector's visual tokens spliced in)."""
+        model, dev = self.model, self.device
+        with torch.no_grad():
+            hidden = model.model.vision_tower(pixel_values.to(dev), output_hidden_states=True).hidden_states
+            feats = hidden[self.ref.feature_layer][:, 1:]  # [1, 256, D_vis]
+        visual = model.model.multi_modal_projector(feats)  # [1, 256, d]
+        embeds = model.model.language_model.embed_tokens(ids[None].to(dev))
+        mask = (ids == model.config.image_token_id)[None, :, None].to(dev)
+        return feats, embeds.masked_scatter(mask, visual.to(embeds.dtype))
+
+    def distill_saisa(self, scenes: int | None = None) -> dict[str, list[float]]:
+        """SAISA's projectors fitted to the visual hidden states this (causally trained) model holds at each
+        layer's input, RMS-normalised (what the layer's input norm sees), over the first `scenes` images of the
+        training stream (default SAISA_DISTILL_SCENES; `fit_projectors`); returns the fit's explained variance per
+        layer."""
+        from vlmeff.pruners.attention.saisa import fit_projectors
+
+        model = self.model
+        layers = model.config.text_config.num_hidden_layers
+
+        def batches():
+            for step in range(SAISA_DISTILL_SCENES if scenes is None else scenes):
+                pixel_values, ids, _ = self.batch_for(step)
+                with torch.no_grad():
+                    feats, embeds = self.stock_inputs(pixel_values, ids)
+                    states = model.model.language_model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
+                visual = (ids == model.config.image_token_id).to(self.device)
+                targets = torch.stack([h[0, visual] for h in states[:layers]])  # [L, V, d], layer l's input
+                targets = targets * targets.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
+                yield feats[0].cpu(), targets.cpu()
+
+        return fit_projectors(self.saisa, batches())
 
     def step_loss(self, step: int) -> tuple[torch.Tensor, dict]:
         return self.loss(*self.batch_for(step)), {}
@@ -297,9 +326,10 @@ class Trainer(ResumableTrainer):
             extra["attention"] = self.cfg.attention  # `vlmeff reference export` names the variant by it
         save_trained(Path(self.cfg.out) / "reference.safetensors", self.export(), self.ref, extra=extra)
         if self.saisa is not None:
-            from vlmeff.pruners.attention.saisa import save_projectors
+            from vlmeff.pruners.attention.saisa import WEIGHTS_NAME, save_projectors
 
-            save_projectors(Path(self.cfg.out) / SAISA_NAME, self.saisa, {"model": "reference", **extra})
+            # the per-layer projectors (saisa:weights=<file>); `vlmeff reference export` ships them as the default
+            save_projectors(Path(self.cfg.out) / WEIGHTS_NAME, self.saisa, {"model": "reference", **extra})
 
     def init_from(self, path: str | Path) -> None:
         """Start from trained weights in the asset format (e.g. the shipped assets/reference file), with a fresh
@@ -311,8 +341,18 @@ class Trainer(ResumableTrainer):
             for name, m in self.lora_layers.items():
                 m.lora_A["default"].weight.copy_(state[f"lora.{name}.A"].float())
                 m.lora_B["default"].weight.copy_(state[f"lora.{name}.B"].float())
-            if self.saisa is not None:  # every layer's projector starts as the trained stock projector
-                copy_stock_projector(self.model.model.multi_modal_projector, self.saisa)
+        if self.saisa is not None:  # SAISA starts from the trained stock projector, fitted to the model's layers
+            stock = self.model.model.multi_modal_projector
+            self.saisa.copy_stock(stock.linear_1, stock.linear_2)
+            fit = self.distill_saisa()
+            from vlmeff.pruners.attention.saisa import save_projectors
+
+            # the fitted start, before any gradient step: SAISA on the shipped model with a closed-form fit only
+            save_projectors(Path(self.cfg.out) / SAISA_INIT_NAME, self.saisa,
+                            {"model": "reference (fitted init, no gradient steps)", "fit": fit})
+            print(f"saisa init: explained variance per layer {min(fit['r2']):.3f}-{max(fit['r2']):.3f} "
+                  f"(shared layer alone {min(fit['r2_shared']):.3f}-{max(fit['r2_shared']):.3f}); "
+                  f"{self.cfg.out}/{SAISA_INIT_NAME}", flush=True)
 
     def export(self) -> dict[str, torch.Tensor]:
         """Trainable weights in the asset format (projector.*, lora.<module>.A/.B)."""
@@ -321,7 +361,9 @@ class Trainer(ResumableTrainer):
         return trained_state(projector, lora)
 
 
-SAISA_NAME = "saisa_projectors.safetensors"  # a SAISA fine-tune's per-layer projectors (saisa:weights=<file>)
+SAISA_RANK = 32  # the factored projectors' per-layer rank: 1.7 M parameters (3.4 MB in float16) instead of 16.6 M
+SAISA_INIT_NAME = "saisa_init.safetensors"  # the fitted projectors before the first step
+SAISA_DISTILL_SCENES = 64  # images of the training stream the projectors' init is fitted on (16k visual tokens)
 
 
 def attention_wrapper(model, processor, spec: str, out: Path):
@@ -339,7 +381,7 @@ def attention_wrapper(model, processor, spec: str, out: Path):
     if len(items) == 1 and items[0].name == "saisa" and items[0].weights is None:
         from vlmeff.pruners.attention.saisa import untrained_projectors
 
-        path = untrained_projectors(model.config, out / "saisa_shape.safetensors")
+        path = untrained_projectors(model.config, out / "saisa_shape.safetensors", rank=SAISA_RANK)
         spec = f"saisa:weights={path}"
     vm = vlmeff.wrap(model, processor, spec)
     for strategy in vm.strategies:
@@ -360,22 +402,14 @@ def saisa_module(vm):
 
 
 def saisa_from_stock_projector(model, path: str | Path) -> Path:
-    """SAISA applied training-free: per-layer projectors that are all copies of `model`'s trained stock projector
-    (what a SAISA fine-tune starts from), written to `path` for saisa:weights=<path>."""
+    """SAISA applied training-free: per-layer projectors that all equal `model`'s trained stock projector (what a
+    SAISA fine-tune copies before its fit), written to `path` for saisa:weights=<path>."""
     from vlmeff.pruners.attention.saisa import SAISAProjectors, save_projectors, vision_feature_size
 
     text = model.config.text_config
-    module = SAISAProjectors(vision_feature_size(model.config), text.hidden_size, text.num_hidden_layers)
-    copy_stock_projector(model.model.multi_modal_projector, module)
+    module = SAISAProjectors(vision_feature_size(model.config), text.hidden_size, text.num_hidden_layers, SAISA_RANK)
+    module.copy_stock(model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2)
     return save_projectors(path, module, {"model": "reference (untrained: copies of the stock projector)"})
-
-
-def copy_stock_projector(projector, saisa) -> None:
-    """Every SAISA layer projector := the stock LLaVA projector (linear_1, GELU, linear_2)."""
-    with torch.no_grad():
-        for layer in saisa.projectors:
-            layer[0].load_state_dict(projector.linear_1.state_dict())
-            layer[2].load_state_dict(projector.linear_2.state_dict())
 
 
 def set_threads() -> None:
