@@ -1,9 +1,10 @@
 """Table and plot of issue 17's comparison: each attention variant training-free on the shipped reference model vs
 fine-tuned with it, alone and after fastervlm at 64 tokens, against the control (docs/results.md, "Trained attention
-variants"). Reads the `vlmeff eval` run folders the commands there write; prints the markdown table and writes the
-plot.
+variants"). Reads the `vlmeff eval` run folders the commands there write; prints the markdown tables of one
+training recipe (b: projector learning rate 1e-4, the shipped fine-tunes, run folders ending in -lr4; a: 1e-3) and
+writes its plot.
 
-    python scripts/attention_variants.py --runs runs --plot assets/results/attention_variants_reference.png
+    python scripts/attention_variants.py --runs runs --recipe b --plot assets/results/attention_variants_reference.png
 """
 
 from __future__ import annotations
@@ -58,17 +59,21 @@ def cell(value) -> str:
     return "-" if value is None else f"{value[0]:.1f} ({value[1]:.0f}-{value[2]:.0f}), yes {value[3]:.0f} %, {value[4]:.1f} GF"
 
 
-def collect(runs: Path) -> dict:
+RECIPES = {"a": "", "b": "-lr4"}  # recipe -> suffix of its fine-tunes' run folders (the training-free ones are shared)
+LR = {"a": "1e-3", "b": "1e-4"}
+
+
+def collect(runs: Path, recipe: str) -> dict:
     out = {}
     for name, (free_folder, free_spec, folder, trained_spec) in VARIANTS.items():
-        free, trained = summary(runs, free_folder), summary(runs, folder)
+        free, trained = summary(runs, free_folder), summary(runs, folder and folder + RECIPES[recipe])
         out[name] = {"free": f1(free, free_spec), "trained": f1(trained, trained_spec),
                      "free+fastervlm": f1(free, with_fastervlm(free_spec)),
                      "trained+fastervlm": f1(trained, trained_spec and with_fastervlm(trained_spec))}
     return out
 
 
-def chair_table(runs: Path) -> str:
+def chair_table(runs: Path, recipe: str) -> str:
     """CHAIR_S / CHAIR_I / recall (%) per variant, applied to the shipped model and fine-tuned."""
 
     def cell(rows, spec):
@@ -83,7 +88,7 @@ def chair_table(runs: Path) -> str:
     for name, (_, free_spec, _, trained_spec) in VARIANTS.items():
         free_folder, folder = CHAIR[name]
         lines.append(f"| {name} | {cell(summary(runs, free_folder), free_spec)} | "
-                     f"{cell(summary(runs, folder), trained_spec)} |")
+                     f"{cell(summary(runs, folder and folder + RECIPES[recipe]), trained_spec)} |")
     return "\n".join(lines)
 
 
@@ -108,6 +113,20 @@ def loss_gap(runs: Path, run: str, control: str = "attn-control", window: int = 
     return f"training loss, {run} - {control}, per {window} steps: " + ", ".join(cells)
 
 
+def training_summary(runs: Path, recipe: str) -> str:
+    """Per fine-tune of the recipe: CPU minutes (state.json) and the mean loss of the first 20 and last 50 steps."""
+    lines = ["| run | CPU min | loss, first 20 steps -> last 50 |", "|---|---|---|"]
+    for variant in ("control", "cca", "mma", "naavit", "saisa"):
+        folder = f"attn-{variant}{RECIPES[recipe] or ('-fit' if variant == 'saisa' else '')}"
+        log, state = runs / folder / "train_log.jsonl", runs / folder / "state.json"
+        if not log.is_file() or not state.is_file():
+            continue
+        loss = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+        minutes = json.loads(state.read_text())["cpu_seconds_total"] / 60
+        lines.append(f"| {folder} | {minutes:.1f} | {sum(loss[:20]) / 20:.3f} -> {sum(loss[-50:]) / 50:.3f} |")
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
     lines = ["| attention | training-free (shipped weights) | fine-tuned with it | + fastervlm:keep=64, training-free "
              "| + fastervlm:keep=64, fine-tuned |", "|---|---|---|---|---|"]
@@ -117,7 +136,7 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, recipe: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,23 +164,27 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("POPE mean F1 (%), 95 % CI")
     ax.set_ylim(0, 100)
     save_figure(fig, ax, path, "Attention variants on the reference model: applied training-free vs fine-tuned "
-                               "with the same data, steps and seed as the causal control (180 questions)")
+                               "with the same data, steps, seed and learning rates as the causal control (projector "
+                               f"learning rate {LR[recipe]}; 180 questions)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="b")
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
-    results = collect(Path(args.runs))
+    results = collect(Path(args.runs), args.recipe)
     print(table(results))
     print()
-    print(chair_table(Path(args.runs)))
+    print(chair_table(Path(args.runs), args.recipe))
     print()
-    for run, control in (("attn-saisa-fit", "attn-control"), ("attn-saisa-lr4", "attn-control-lr4")):
-        print(loss_gap(Path(args.runs), run, control))
+    suffix = RECIPES[args.recipe]
+    print(loss_gap(Path(args.runs), f"attn-saisa{suffix or '-fit'}", f"attn-control{suffix}"))
+    print()
+    print(training_summary(Path(args.runs), args.recipe))
     if args.plot:
-        plot(results, Path(args.plot))
+        plot(results, Path(args.plot), args.recipe)
         print(f"wrote {args.plot}")
 
 

@@ -20,11 +20,11 @@ pytestmark = [
 SCENE = 1_000_000_321  # held out from training (the train range is 0..num_scenes-1)
 # variant -> (strategy it was trained with, greedy caption recorded at export, 24 new tokens at most)
 RECORDED = {
-    "control": (None, "A flag, a cross, a triangle, a box and a ball."),
-    "cca": ("cca", "A flag, a cross, a triangle, a box and a key."),
-    "mma": ("mma", "A cross, a triangle, a flag, a box and a kite."),
-    "naavit": ("naavit", "A flag, a triangle, a box and a cross."),
-    "saisa": ("saisa", "A triangle, a box, a flag and a ball."),  # its projectors: the default saisa weights
+    "control": (None, "A flag, a cross, a triangle, a box and a key."),
+    "cca": ("cca", "A flag, a cross, a triangle, a box and a ball."),
+    "mma": ("mma", "A cross, a flag, a triangle, a box and a key."),
+    "naavit": ("naavit", "A flag, a triangle, a box and a ball."),
+    "saisa": ("saisa", "A cross, a flag, a triangle, a ball and a box."),  # its projectors: the default saisa weights
 }
 
 
