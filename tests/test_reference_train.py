@@ -144,13 +144,14 @@ def test_attention_fine_tune_resumes_exactly(tmp_path, attention):
         assert (tmp_path / "a" / "saisa_projectors.safetensors").is_file()
 
 
-def test_saisa_training_forward_equals_inference_forward(tmp_path):
+@pytest.mark.parametrize("rank", [None, 4], ids=["paper-form", "factored"])
+def test_saisa_training_forward_equals_inference_forward(tmp_path, rank):
     import vlmeff
     from vlmeff.pruners.attention.saisa import untrained_projectors
 
     model, processor = tiny_parts()
     inputs = _prompt_inputs(processor)
-    path = untrained_projectors(model.config, tmp_path / "p.safetensors")
+    path = untrained_projectors(model.config, tmp_path / "p.safetensors", rank=rank)
     with vlmeff.wrap(model, processor, f"saisa:weights={path}") as vm:
         with torch.no_grad():
             inference = vm(**inputs).logits
