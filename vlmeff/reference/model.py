@@ -89,7 +89,10 @@ def assemble(vision_model, causal_lm, tokenizer, cfg: ReferenceConfig):
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower = vision_model
+    rows = causal_lm.get_input_embeddings().weight.shape[0]
     causal_lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():  # the added <image> row (tied to the LM head): zeros, not a fresh random draw per load, so
+        causal_lm.get_input_embeddings().weight[rows:] = 0  # two loads are equal; its input is always replaced
     model.model.language_model = causal_lm.model
     model.lm_head = causal_lm.lm_head
     model.model.multi_modal_projector.to_empty(device="cpu")
