@@ -136,7 +136,8 @@ def test_after_fastervlm_the_projectors_see_the_kept_raw_features(llava, weights
 
 def test_missing_wrong_and_corrupt_weights_are_named(llava, tmp_path):
     model, processor = llava
-    with pytest.raises(NotApplicableError, match="this model needs .* pass weights=<file> trained for it"):
+    with pytest.raises(NotApplicableError, match="saisa_projectors.safetensors map .* this model needs .* pass "
+                                                 "weights=<file> trained for it"):
         vlmeff.wrap(model, processor, "saisa")  # the default: the reference model's projectors, shaped for it
     with pytest.raises(StrategyError, match="no projector weights at"):
         vlmeff.wrap(model, processor, f"saisa:weights={tmp_path / 'nothing.safetensors'}")

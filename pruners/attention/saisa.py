@@ -258,7 +258,7 @@ class SAISA(AttentionStrategy):
         have = (module.vision_size, module.hidden_size, module.num_layers)
         if want != have:
             raise NotApplicableError(
-                f"saisa: the projectors in {self.weights} map {have[0]} -> {have[1]} for {have[2]} layers "
+                f"saisa: the projectors in {self.weights or default_weights()} map {have[0]} -> {have[1]} for {have[2]} layers "
                 f"({meta.get('model', '?')}); this model needs {want[0]} -> {want[1]} for {want[2]} layers: pass "
                 "weights=<file> trained for it (vlmeff.pruners.attention.saisa.save_projectors; an untrained file "
                 "from untrained_projectors gives cost figures only)")
