@@ -80,6 +80,7 @@ class _VlmeffProcessor:
     as per-image fields, puts both into the cache identity, and sizes each image's placeholders by the strategy."""
 
     family: str = ""
+    image_count_key: str = ""  # the processor output with one entry per image
 
     def _vlmeff_has_cls(self) -> bool:
         return self.family == "llava" and self.info.get_hf_config().vision_config.model_type != "siglip_vision_model"
@@ -117,7 +118,8 @@ class _VlmeffProcessor:
         spec = self._vlmeff_spec(kwargs)
         kwargs.pop(MODEL_SPEC_KEY, None)
         out = super()._call_hf_processor(hf_data, kwargs)
-        count = self._vlmeff_num_images(out)
+        images = out.get(self.image_count_key)
+        count = 0 if images is None else len(images)
         if count:
             positions = list(range(count)) if positions is None else list(positions)
             if len(positions) != count:
@@ -126,13 +128,11 @@ class _VlmeffProcessor:
             out[POSITION_FIELD] = torch.tensor(positions, dtype=torch.long)
         return out
 
-    def _vlmeff_num_images(self, out) -> int:
-        raise NotImplementedError
-
-    def _vlmeff_fields(self, hf_inputs) -> dict[str, MultiModalFieldConfig]:
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        fields = super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs)
         if SPEC_FIELD not in hf_inputs:
-            return {}
-        return {SPEC_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            return fields
+        return {**fields, SPEC_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
                 POSITION_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True)}
 
     def _vlmeff_item_strategy(self, item) -> Any:
@@ -143,13 +143,7 @@ class _VlmeffProcessor:
 
 class VlmeffLlavaProcessor(_VlmeffProcessor, LlavaMultiModalProcessor):
     family = "llava"
-
-    def _vlmeff_num_images(self, out) -> int:
-        pixels = out.get("pixel_values")
-        return 0 if pixels is None else len(pixels)
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs), **self._vlmeff_fields(hf_inputs)}
+    image_count_key = "pixel_values"
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         config = self.info.get_hf_config()
@@ -178,13 +172,7 @@ class VlmeffLlavaProcessor(_VlmeffProcessor, LlavaMultiModalProcessor):
 
 class _VlmeffQwenProcessor(_VlmeffProcessor):
     family = "qwen2-vl"
-
-    def _vlmeff_num_images(self, out) -> int:
-        grid = out.get("image_grid_thw")
-        return 0 if grid is None else len(grid)
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs), **self._vlmeff_fields(hf_inputs)}
+    image_count_key = "image_grid_thw"
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
