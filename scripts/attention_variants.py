@@ -76,7 +76,7 @@ def collect(runs: Path, recipe: str) -> dict:
 def chair_table(runs: Path, recipe: str) -> str:
     """CHAIR_S / CHAIR_I / recall (%) per variant, applied to the shipped model and fine-tuned."""
 
-    def cell(rows, spec):
+    def chair_cell(rows, spec):
         row = rows.get(spec) if spec else None
         if row is None:
             return "-"
@@ -87,8 +87,8 @@ def chair_table(runs: Path, recipe: str) -> str:
              "|---|---|---|"]
     for name, (_, free_spec, _, trained_spec) in VARIANTS.items():
         free_folder, folder = CHAIR[name]
-        lines.append(f"| {name} | {cell(summary(runs, free_folder), free_spec)} | "
-                     f"{cell(summary(runs, folder and folder + RECIPES[recipe]), trained_spec)} |")
+        lines.append(f"| {name} | {chair_cell(summary(runs, free_folder), free_spec)} | "
+                     f"{chair_cell(summary(runs, folder and folder + RECIPES[recipe]), trained_spec)} |")
     return "\n".join(lines)
 
 

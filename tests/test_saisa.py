@@ -30,15 +30,21 @@ def llava(loaded):
     return deepen(model), processor
 
 
+def random_weights(module: SAISAProjectors) -> SAISAProjectors:
+    """Every parameter drawn from N(0, 0.5^2), so that no layer equals another and no update is zero."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+    return module
+
+
 @pytest.fixture(scope="module", params=[None, 3], ids=["paper-form", "factored-rank3"])
 def weights(llava, tmp_path_factory, request):
     model, _ = llava
     text = model.config.text_config
     torch.manual_seed(3)
-    module = SAISAProjectors(vision_feature_size(model.config), text.hidden_size, text.num_hidden_layers, request.param)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.5)
+    module = random_weights(
+        SAISAProjectors(vision_feature_size(model.config), text.hidden_size, text.num_hidden_layers, request.param))
     path = save_projectors(tmp_path_factory.mktemp("saisa") / "saisa.safetensors", module, {"model": "tiny test"})
     return str(path), module
 
@@ -208,10 +214,7 @@ def _manual_factored(module: SAISAProjectors, layer: int, v: torch.Tensor) -> to
 
 def test_factored_projectors_follow_their_formula_and_start_as_the_stock_projector():
     torch.manual_seed(0)
-    module = SAISAProjectors(6, 8, 3, rank=2)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.5)
+    module = random_weights(SAISAProjectors(6, 8, 3, rank=2))
     v = torch.randn(5, 6)
     for layer in range(3):
         torch.testing.assert_close(module(layer, v), _manual_factored(module, layer, v))
@@ -236,10 +239,8 @@ def test_fit_recovers_targets_a_rank_r_update_can_reach():
     """Targets P_l(v) = W2 g + b2 + c_l U D g with sum_l c_l = 0 (a shared layer plus per-layer updates of rank 1
     around it, same first layer) are recovered exactly by the rank-2 fit."""
     torch.manual_seed(1)
-    truth = SAISAProjectors(6, 8, 4, rank=2)
+    truth = random_weights(SAISAProjectors(6, 8, 4, rank=2))
     with torch.no_grad():
-        for p in truth.parameters():
-            p.normal_(0, 0.5)
         up, down = torch.randn(8, 2), torch.randn(2, 8)
         for layer, c in enumerate([1.0, -2.0, 0.5, 0.5]):
             truth.up[layer].weight.copy_(c * up)
@@ -285,10 +286,7 @@ def test_fit_at_full_rank_is_each_layers_least_squares_and_reports_its_r2():
 
 def test_float16_file_loads_as_the_rounded_weights(tmp_path):
     torch.manual_seed(4)
-    module = SAISAProjectors(6, 8, 3, rank=2)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.5)
+    module = random_weights(SAISAProjectors(6, 8, 3, rank=2))
     path = save_projectors(tmp_path / "half.safetensors", module, {"model": "t"}, dtype=torch.float16)
     loaded, meta = load_projectors(path)
     assert meta["rank"] == 2

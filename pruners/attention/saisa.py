@@ -240,8 +240,11 @@ class SAISA(AttentionStrategy):
 
     weights: str | None = None
 
+    def weights_file(self) -> Path:
+        return Path(self.weights) if self.weights else default_weights()
+
     def projectors(self) -> tuple[SAISAProjectors, dict[str, Any]]:
-        return load_projectors(self.weights or default_weights())
+        return load_projectors(self.weights_file())
 
     def check_applicable(self, connector) -> None:
         if not connector.splices_in_unit_order:
@@ -258,7 +261,7 @@ class SAISA(AttentionStrategy):
         have = (module.vision_size, module.hidden_size, module.num_layers)
         if want != have:
             raise NotApplicableError(
-                f"saisa: the projectors in {self.weights or default_weights()} map {have[0]} -> {have[1]} for {have[2]} layers "
+                f"saisa: the projectors in {self.weights_file()} map {have[0]} -> {have[1]} for {have[2]} layers "
                 f"({meta.get('model', '?')}); this model needs {want[0]} -> {want[1]} for {want[2]} layers: pass "
                 "weights=<file> trained for it (vlmeff.pruners.attention.saisa.save_projectors; an untrained file "
                 "from untrained_projectors gives cost figures only)")

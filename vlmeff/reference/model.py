@@ -163,10 +163,7 @@ def export_asset(run_dir: str | Path, dest: str | Path | None = None, name: str 
 
 def load_trained(model, path: Path) -> ReferenceConfig:
     """Load the projector and merge LoRA (W += scale * B @ A) into the language model, in place."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        cfg = ReferenceConfig.from_json(f.metadata()["reference_config"])
+    cfg = stored_config(path)
     state = load_file(str(path))
     projector = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
     model.model.multi_modal_projector.load_state_dict({k: v.float() for k, v in projector.items()})

@@ -342,11 +342,11 @@ class Trainer(ResumableTrainer):
                 m.lora_A["default"].weight.copy_(state[f"lora.{name}.A"].float())
                 m.lora_B["default"].weight.copy_(state[f"lora.{name}.B"].float())
         if self.saisa is not None:  # SAISA starts from the trained stock projector, fitted to the model's layers
+            from vlmeff.pruners.attention.saisa import save_projectors
+
             stock = self.model.model.multi_modal_projector
             self.saisa.copy_stock(stock.linear_1, stock.linear_2)
             fit = self.distill_saisa()
-            from vlmeff.pruners.attention.saisa import save_projectors
-
             # the fitted start, before any gradient step: SAISA on the shipped model with a closed-form fit only
             save_projectors(Path(self.cfg.out) / SAISA_INIT_NAME, self.saisa,
                             {"model": "reference (fitted init, no gradient steps)", "fit": fit})
