@@ -228,7 +228,9 @@ class SAISA(AttentionStrategy):
     """SAISA layer: per-layer projectors of the raw vision features; visual rows give keys / values only (no
     queries, no FFN). weights: a file from `save_projectors` trained for this model; default: the projectors vlmeff
     trained for its reference model together with the LoRA of `reference-saisa` (`vlmeff reference train
-    --attention saisa`), so use them with `--model reference-saisa`."""
+    --attention saisa`), so use them with `--model reference-saisa`. Those shipped projectors deviate from the paper:
+    they are factored (`SAISAProjectors` with rank 32) and start from a closed-form fit to the causal model's visual
+    states (`fit_projectors`) instead of the paper's pre-training; the paper form loads too."""
 
     name = "saisa"
     summary = ("attention: SAISA layer, visual tokens as keys/values only (per-layer projectors of raw vision "
